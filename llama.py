@@ -204,7 +204,8 @@ class Llama(nn.Module):
         if attention_mask is None:
             positions = torch.arange(past, S, device=x.device).expand(B, T)
         else:
-            assert attention_mask.shape == (B, S), f"attention_mask must be (B, cached + T) = {(B, S)}"
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, must be (B, cached + T) = {(B, S)}")
             # A left-padded row's first real token is position 0, as if it ran alone (as HF generate does).
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         mask = None  # no padding, nothing cached: SDPA's built-in causal mask
@@ -233,6 +234,8 @@ class Llama(nn.Module):
         B, T = prompt.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=prompt.device)
+        if max_new_tokens <= 0:
+            return prompt.new_zeros(B, 0, dtype=torch.long)
         cache, out = self.new_cache(), []
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         logits = self(input_ids, inputs_embeds, attention_mask, cache)[:, -1]  # prefill: (B, vocab)
