@@ -1,0 +1,357 @@
+"""The shapes world: procedural toy data for DreamLLM, and readers for real data manifests.
+
+A scene is one or two shapes (circle, square, triangle) in a colour from a fixed palette, small or
+large, at a named position, drawn with Pillow on a light grey 64x64 canvas. From a seed, data.py
+gives without end, and reproducibly by index (`*_example(seed, i)` is a pure function, so a resumed
+run can rebuild batch i):
+  captions(seed)   -> (caption, image)          "a small red circle on the left"
+  documents(seed)  -> (text, [images])          "Here is a red circle. <image> Next comes ... <image>"
+  questions(seed)  -> (image, question, answer) ("What colour is the square?", "blue")
+  text_corpus(seed, n) -> n lines of the above as text, for the toy tokenizer and LLM.
+`split="train"` never shows a HELD_OUT colour-shape combination, `split="eval"` shows only those,
+`split="all"` shows everything (for backbones that, like Stable Diffusion, have seen the world).
+`analyse(image)` judges a generated image: (colour, shape) of its largest foreground blob.
+
+Real data: JSONL manifests, one JSON object per line, image paths relative to the manifest's folder.
+  image-text pairs      {"image": "imgs/0001.png", "text": "a photo of a dog"}
+  interleaved documents {"text": "A dog. <image> It runs. <image>", "images": ["a.png", "b.png"]}
+Each `<image>` in a document's text marks where the next image goes, so their counts must agree.
+`read_pairs(path)` yields (text, image) and `read_documents(path)` yields (text, [images]), images
+as RGB PIL images, the same shapes as the synthetic streams. Blank lines are skipped; anything else
+that is wrong raises ValueError("manifest.jsonl:LINE: problem").
+"""
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE = 64
+BACKGROUND = (230, 230, 230)  # light grey
+# Saturated and far apart (closest pair, orange-yellow, is ~90 apart in RGB; every colour is
+# >190 from the background), so the analyser tells them apart through blur and noise.
+COLORS = {
+    "red": (215, 35, 40),
+    "orange": (250, 130, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 90, 220),
+    "purple": (140, 60, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 8, "large": 13}  # half-extent in pixels of the 64x64 grid
+POSITIONS = {"on the left": (16, 32), "on the right": (48, 32), "at the top": (32, 16),
+             "at the bottom": (32, 48), "in the middle": (32, 32)}  # centre (x, y)
+PAIRS = (("on the left", "on the right"), ("at the top", "at the bottom"))  # two shapes never touch
+JITTER = 2  # centres move up to this many pixels, so no two images of a caption are identical
+# Kept out of split="train" for evaluation; every colour and every shape still appears in training.
+HELD_OUT = (("blue", "triangle"), ("green", "circle"), ("orange", "triangle"), ("red", "square"))
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    color: str     # a key of COLORS
+    shape: str     # one of SHAPES
+    size: str      # a key of SIZES
+    position: str  # a key of POSITIONS
+    dx: int = 0    # jitter of the centre, pixels of the 64 grid
+    dy: int = 0
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple  # of Shape; one or two, never overlapping
+
+
+# ---------------------------------------------------------------------------------------- scenes
+
+def combos(split="train"):
+    """The (colour, shape) combinations a split may show."""
+    every = [(c, s) for c in COLORS for s in SHAPES]
+    if split == "train":
+        return [cs for cs in every if cs not in HELD_OUT]
+    if split == "eval":
+        return list(HELD_OUT)
+    if split == "all":
+        return every
+    raise ValueError(f"unknown split {split!r} (expected 'train', 'eval' or 'all')")
+
+
+def random_scene(rng, split="train", n_shapes=None):
+    """A scene of n_shapes (1 or 2; random if None) distinct colour-shape combinations of the split."""
+    n = n_shapes or rng.choice((1, 1, 2))  # two thirds single shapes: the form evaluation asks for
+    picked = rng.sample(combos(split), n)
+    where = [rng.choice(list(POSITIONS))] if n == 1 else list(rng.choice(PAIRS))
+    rng.shuffle(where)  # either shape may be named first
+    return Scene(tuple(Shape(c, s, rng.choice(list(SIZES)), p, rng.randint(-JITTER, JITTER),
+                             rng.randint(-JITTER, JITTER)) for (c, s), p in zip(picked, where)))
+
+
+def draw(scene, size=IMAGE_SIZE, supersample=4):
+    """The scene as a size x size RGB image. Drawn at supersample x the size and box-averaged down, so
+    edges are anti-aliased while shape interiors keep their palette colour exactly."""
+    k = size * supersample / IMAGE_SIZE  # scene coordinates live on the 64 grid
+    img = Image.new("RGB", (size * supersample,) * 2, BACKGROUND)
+    pen = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        (x, y), r = POSITIONS[s.position], SIZES[s.size]
+        x, y = x + s.dx, y + s.dy
+        box = [(x - r) * k, (y - r) * k, (x + r) * k - 1, (y + r) * k - 1]  # Pillow's box is inclusive
+        if s.shape == "circle":
+            pen.ellipse(box, fill=COLORS[s.color])
+        elif s.shape == "square":
+            pen.rectangle(box, fill=COLORS[s.color])
+        else:  # apex up, base along the bottom: it fills half its bounding box
+            pen.polygon([(x * k, box[1]), (box[2], box[3]), (box[0], box[3])], fill=COLORS[s.color])
+    return img.reduce(supersample)
+
+
+# ------------------------------------------------------------------------------------------ text
+
+def _phrase(s, form):
+    words = {"full": [s.size, s.color, s.shape, s.position], "no size": [s.color, s.shape, s.position],
+             "no position": [s.size, s.color, s.shape], "short": [s.color, s.shape]}[form]
+    return "a " + " ".join(words)
+
+
+def caption(scene, rng=None, form="full"):
+    """'a small red circle on the left [and a large blue square on the right]'. With an rng, some
+    captions drop the size or the position, so a model also learns the short forms prompts use."""
+    if rng is not None:
+        form = rng.choice(("full", "full", "no size", "no position", "short"))
+    return " and ".join(_phrase(s, form) for s in scene.shapes)
+
+
+def short_caption(scene):
+    """'a red circle': the form of the evaluation prompts."""
+    return caption(scene, form="short")
+
+
+FIRST = ("Here is {}.", "This picture shows {}.", "Look at {}.", "Let me draw {}.")
+NEXT = ("Beside it sits {}.", "Next comes {}.", "The next picture shows {}.", "And here is {}.")
+AFTER = ("This is {}.", "In this picture there is {}.", "It shows {}.")
+
+
+def _question(scene, rng):
+    """One question about the scene and its answer, always answerable without ambiguity."""
+    s = rng.choice(scene.shapes)
+    two = len(scene.shapes) == 2
+    # Name the shape so that it is unique: a second shape of the same kind (or colour) means the
+    # position has to be said too (random_scene never repeats a colour-shape combination).
+    same_kind = two and scene.shapes[0].shape == scene.shapes[1].shape
+    same_color = two and scene.shapes[0].color == scene.shapes[1].color
+    kind = rng.choice(("colour", "shape", "count", "where", "size"))
+    if kind == "colour":
+        the = f"the {s.shape} {s.position}" if same_kind else f"the {s.shape}"
+        return rng.choice(("What colour is {}?", "Which colour does {} have?")).format(the), s.color
+    if kind == "shape":
+        the = f"the {s.color} thing {s.position}" if same_color else f"the {s.color} thing"
+        return rng.choice(("What shape is {}?", "What kind of shape is {}?")).format(the), s.shape
+    if kind == "count":
+        return "How many shapes are there?", NUMBERS[len(scene.shapes)]
+    if kind == "where":
+        return f"Where is the {s.color} {s.shape}?", s.position
+    return f"Is the {s.color} {s.shape} small or large?", s.size
+
+
+# --------------------------------------------------------------------------------------- streams
+# Every example is a pure function of (seed, split, stream, index): its own random.Random, seeded
+# by a string (hashed with SHA-512 by the stdlib, so the same on every machine and Python run).
+
+def _rng(seed, split, stream, i):
+    combos(split)  # checks the split's name
+    return random.Random(f"{seed}/{split}/{stream}/{i}")
+
+
+def caption_example(seed, i, split="train"):
+    """(caption, Scene) number i of the caption stream."""
+    rng = _rng(seed, split, "caption", i)
+    scene = random_scene(rng, split)
+    return caption(scene, rng), scene
+
+
+def document_example(seed, i, split="train"):
+    """(text with one IMAGE_TOKEN per image, [Scene] * 1-3) number i of the document stream. An image
+    is either described before it (the model learns to write it) or after it (to read it)."""
+    rng = _rng(seed, split, "document", i)
+    scenes = [random_scene(rng, split) for _ in range(rng.randint(1, 3))]
+    parts = ["Let us look at some shapes."] if len(scenes) > 1 and rng.random() < 0.3 else []
+    for j, scene in enumerate(scenes):
+        said = caption(scene, rng)
+        if rng.random() < 0.6:
+            parts += [rng.choice(NEXT if j else FIRST).format(said), IMAGE_TOKEN]
+        else:
+            parts += [IMAGE_TOKEN, rng.choice(AFTER).format(said)]
+    if len(scenes) > 1 and rng.random() < 0.3:
+        parts.append(f"That makes {NUMBERS[len(scenes)]} pictures.")
+    return " ".join(parts), scenes
+
+
+def question_example(seed, i, split="train"):
+    """(Scene, question, answer) number i of the question stream."""
+    rng = _rng(seed, split, "question", i)
+    scene = random_scene(rng, split)
+    return (scene, *_question(scene, rng))
+
+
+def captions(seed, split="train", start=0):
+    for i in itertools.count(start):
+        text, scene = caption_example(seed, i, split)
+        yield text, draw(scene)
+
+
+def documents(seed, split="train", start=0):
+    for i in itertools.count(start):
+        text, scenes = document_example(seed, i, split)
+        yield text, [draw(s) for s in scenes]
+
+
+def questions(seed, split="train", start=0):
+    for i in itertools.count(start):
+        scene, question, answer = question_example(seed, i, split)
+        yield draw(scene), question, answer
+
+
+def text_corpus(seed, n, split="train"):
+    """n lines of shapes-world text, captions, documents and Q&A in turn (Q&A as
+    '<image> What colour is the square? blue'): the toy tokenizer's and toy LLM's training text."""
+    lines = []
+    for i in range(n):
+        kind, j = i % 3, i // 3
+        if kind == 0:
+            lines.append(caption_example(seed, j, split)[0])
+        elif kind == 1:
+            lines.append(document_example(seed, j, split)[0])
+        else:
+            _, question, answer = question_example(seed, j, split)
+            lines.append(f"{IMAGE_TOKEN} {question} {answer}")
+    return lines
+
+
+def eval_prompts():
+    """[(prompt, colour, shape)] for every held-out combination: 'a blue triangle', ..."""
+    return [(f"a {c} {s}", c, s) for c, s in HELD_OUT]
+
+
+# -------------------------------------------------------------------------------------- analyser
+
+FOREGROUND = 100  # RGB distance from BACKGROUND above which a pixel belongs to a shape
+MIN_PIXELS = 12   # a smaller blob is noise, not a shape
+
+
+def _largest_blob(mask):
+    """The largest 4-connected component of a boolean (H, W) mask: every pixel takes the smallest
+    label among itself and its neighbours until nothing changes (at most ~H*W/2 rounds, ~30 in practice)."""
+    if not mask.any():
+        return mask
+    big = mask.size
+    lab = np.where(mask, np.arange(mask.size).reshape(mask.shape), big)
+    while True:
+        new = lab.copy()
+        new[1:] = np.minimum(new[1:], lab[:-1])
+        new[:-1] = np.minimum(new[:-1], lab[1:])
+        new[:, 1:] = np.minimum(new[:, 1:], lab[:, :-1])
+        new[:, :-1] = np.minimum(new[:, :-1], lab[:, 1:])
+        new = np.where(mask, new, big)
+        if (new == lab).all():
+            break
+        lab = new
+    labels, counts = np.unique(lab[mask], return_counts=True)
+    return lab == labels[counts.argmax()]
+
+
+def classify(mask):
+    """circle, square or triangle from a blob's geometry, inside its bounding box: a triangle (apex
+    up) is much narrower in its top quarter than in its bottom quarter; a square fills the box's
+    corners, a circle leaves them empty (fill ratios 1, pi/4 and 1/2 blur too much to rely on)."""
+    rows, cols = np.nonzero(mask)
+    blob = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # (h, w)
+    h, w = blob.shape
+    widths = blob.sum(1)
+    q = max(1, h // 4)
+    top, bottom = widths[:q].mean(), widths[-q:].mean()
+    if top < 0.6 * bottom:
+        return "triangle"
+    a, b = max(1, round(0.2 * h)), max(1, round(0.2 * w))  # corner patches, a fifth of each side
+    corners = np.mean([blob[:a, :b].mean(), blob[:a, -b:].mean(), blob[-a:, :b].mean(), blob[-a:, -b:].mean()])
+    return "square" if corners > 0.35 else "circle"  # clean: 0.9 vs 0.1; blur rounds corners
+
+
+def analyse(image):
+    """(colour, shape) of the largest shape in an image of the shapes world, or (None, None) if it
+    shows none. Robust to the blur and noise of a small diffusion model: a 3x3 median filter first,
+    then the largest foreground blob, its median colour's nearest palette entry, and its geometry."""
+    img = image.convert("RGB")
+    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)  # antialiased both ways
+    x = np.asarray(img.filter(ImageFilter.MedianFilter(3)), dtype=np.float32)  # (64, 64, 3)
+    dist = np.linalg.norm(x - np.array(BACKGROUND, np.float32), axis=-1)  # (64, 64)
+    mask = _largest_blob(dist > FOREGROUND)
+    if mask.sum() < MIN_PIXELS:
+        return None, None
+    # Blur mixes the rim with the background, so the colour is read from the blob's core: the half
+    # of its pixels farthest from the background.
+    core = mask & (dist >= np.median(dist[mask]))
+    rgb = np.median(x[core], axis=0)
+    color = min(COLORS, key=lambda c: float(((rgb - np.array(COLORS[c])) ** 2).sum()))
+    # Redraw the outline at half the shape's own distance from the background: a blurred edge
+    # crosses that level where the sharp edge was, whatever the colour.
+    mask = _largest_blob(dist > 0.5 * np.linalg.norm(rgb - np.array(BACKGROUND)))
+    return color, classify(mask)
+
+
+# ------------------------------------------------------------------------------ real data manifests
+
+def _manifest(path, keys):
+    """(line number, record, folder) for each non-blank line, with keys: {name: type} checked."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: bad JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            for key, kind in keys.items():
+                if key not in record:
+                    raise ValueError(f"{path}:{n}: missing key {key!r}")
+                if not isinstance(record[key], kind):
+                    raise ValueError(f"{path}:{n}: {key!r} should be a {kind.__name__}")
+            yield n, record, path
+
+
+def _open(path, n, name):
+    file = path.parent / name
+    if not file.is_file():
+        raise ValueError(f"{path}:{n}: image file not found: {file}")
+    try:
+        with Image.open(file) as img:
+            return img.convert("RGB")  # loads the pixels, so a truncated file fails here
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}:{n}: not a readable image: {file} ({e.__class__.__name__})") from None
+
+
+def read_pairs(path):
+    """(text, RGB image) for each line {"image": ..., "text": ...} of a JSONL manifest."""
+    for n, record, path in _manifest(path, {"image": str, "text": str}):
+        yield record["text"], _open(path, n, record["image"])
+
+
+def read_documents(path):
+    """(text, [RGB images]) for each line {"text": "... <image> ...", "images": [...]} of a manifest."""
+    for n, record, path in _manifest(path, {"text": str, "images": list}):
+        text, names = record["text"], record["images"]
+        if not all(isinstance(name, str) for name in names):
+            raise ValueError(f"{path}:{n}: 'images' should be a list of paths")
+        if text.count(IMAGE_TOKEN) != len(names):
+            raise ValueError(f"{path}:{n}: text has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders "
+                             f"but {len(names)} images")
+        yield text, [_open(path, n, name) for name in names]
