@@ -750,7 +750,7 @@ class _Scheduler:
         a, s = self._coefficients(x0, t)
         return (a * noise.float() - s * x0.float()).to(x0.dtype)
 
-    def _predict_x0_eps(self, model_output, alpha_bar_t, x_t):
+    def predict_x0_eps(self, model_output, alpha_bar_t, x_t):
         # whatever the model predicts, turn it into (x_0, eps), where x_t = sqrt(abar) x_0 + sqrt(1-abar) eps
         a, s = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
         if self.prediction_type == "epsilon":
@@ -793,7 +793,7 @@ class DDIM(_Scheduler):
         alpha_bar_t = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
         x_t = sample.float()  # scheduler math in fp32, whatever the UNet ran in
-        x0, eps = self._predict_x0_eps(model_output.float(), alpha_bar_t, x_t)
+        x0, eps = self.predict_x0_eps(model_output.float(), alpha_bar_t, x_t)
         # eq. 16: sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev);
         # eta = 1 is DDPM's posterior, eta = 0 the deterministic DDIM
         sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
@@ -823,7 +823,7 @@ class DDPM(_Scheduler):
         alpha_t = alpha_bar_t / alpha_bar_prev
         beta_t = 1 - alpha_t
         x_t = sample.float()
-        x0, _ = self._predict_x0_eps(model_output.float(), alpha_bar_t, x_t)
+        x0, _ = self.predict_x0_eps(model_output.float(), alpha_bar_t, x_t)
         # eq. 7, the posterior q(x_prev | x_t, x_0) = N(mu_t, beta_tilde_t):
         # mu_t = sqrt(abar_prev) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
         mu_t = ((alpha_bar_prev.sqrt() * beta_t / (1 - alpha_bar_t)) * x0

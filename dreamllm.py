@@ -1,0 +1,381 @@
+"""DreamLLM (Dong et al. 2023, arXiv 2309.11499): one causal LLM that reads and writes text and images.
+
+It reads an image as N CLIP patch features, projected and spliced into its token embeddings. It writes
+one by emitting <dream_start>: K learnable dream queries follow, and the LLM's final hidden states at
+those K positions, projected, become the cross-attention context of a frozen Stable Diffusion UNet
+(in place of SD's text encoder). Training adds SD's denoising loss to the LM loss; the frozen UNet's
+score teaches the LLM to speak its language (the paper's "score distillation"):
+
+    loss = lm_weight * CE(next token)  +  diffusion_weight * w(t) |f(unet(z_t, t, c)) - target(z_0, eps, t)|^2
+
+Every image of a document is written as a dream slot, then a read slot: the model creates it, then reads it.
+
+    <dream_start> <im_patch> x K <dream_end> <im_start> <im_patch> x N <im_end>
+                  dream queries                         CLIP features, projected
+
+    model = dreamllm.build("tiny")
+    losses = model(model.collate([("a red circle: <image> it is red", [pil_image])]))
+    segments = model.generate("a picture of a circle", force_image=True)   # [Image, " text ..."]
+"""
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
+
+import clip
+import llama
+import unet
+from unet import DDIM, DDPM
+
+SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", "<dream_start>", "<dream_end>"]
+
+
+def byte_tokenizer() -> Tokenizer:
+    # The tiny models' tokenizer: one token per UTF-8 byte (ids 0-255 = byte values), no merges, no
+    # training. Bytes are shown as GPT-2's printable stand-ins so that ByteLevel can split and decode them.
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    spare = iter(range(256, 512))
+    symbol = {b: chr(b) if b in printable else chr(next(spare)) for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])  # 256, 257
+    return tok
+
+
+@dataclass
+class DreamConfig:
+    # the loss variants, side by side: each is the one line a researcher changes
+    lm_weight: float = 1.0              # LM cross-entropy weight (0: not computed)
+    diffusion_weight: float = 10.0      # lambda on the diffusion loss; 10 is the official value (0: not computed)
+    target: str = "epsilon"             # space the diffusion MSE is taken in: "epsilon" | "v" | "x0"
+    min_snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023), e.g. 5.0; None: uniform in t
+    cond_dropout: float = 0.1           # P(an image's condition is replaced by the null one): trains CFG
+    # structural: fixed when the model is built
+    n_queries: int = 64                 # K dream queries per image
+    clip_layer: int = -2                # the CLIP layer the LLM reads (the penultimate, as LLaVA)
+    image_size: int = 512               # pixels of the images the VAE encodes and decodes (SD 2.1-base: 512)
+
+
+class DreamLLM(nn.Module):
+    def __init__(self, llm, clip, unet, vae, scheduler_config: dict, tokenizer, config: DreamConfig):
+        super().__init__()
+        if config.target not in ("epsilon", "v", "x0"):
+            raise ValueError(f"DreamConfig.target {config.target!r}: must be 'epsilon', 'v' or 'x0'")
+        self.llm, self.clip, self.unet, self.vae = llm, clip, unet, vae
+        for frozen in (clip, unet, vae):  # never trained: CLIP is the eye, SD's score the teacher
+            frozen.requires_grad_(False)
+        self.config, self.scheduler_config, self.tokenizer = config, dict(scheduler_config), tokenizer
+        self.noise_scheduler = DDPM(scheduler_config)  # the forward process q(z_t | z_0) of training
+        tokenizer.add_special_tokens(SPECIAL_TOKENS)   # a no-op for tokens it already has
+        self.token_id = {s: tokenizer.token_to_id(s) for s in SPECIAL_TOKENS}
+        self.bos_id, self.eos_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+        self._resize_vocab(tokenizer.get_vocab_size(with_added_tokens=True))
+        v, D = clip.config.vision, llm.cfg.dim
+        self.n_patches = (v.image_size // v.patch_size) ** 2  # N, tokens of a read slot (256 for ViT-L/14)
+        self.visual_projector = nn.Linear(v.width, D)
+        self.dream_queries = nn.Parameter(torch.randn(config.n_queries, D) * 0.02)  # (K, D)
+        self.condition_projector = nn.Linear(D, unet.config.context_dim, bias=False)
+
+    def _resize_vocab(self, n):
+        # New tokens start as the average token (as LLaVA does): a neutral point, the same scale as the rest.
+        emb, head = self.llm.model.embed_tokens, self.llm.lm_head
+        old = emb.weight.shape[0]
+        if n <= old:
+            return
+
+        def grow(w):
+            mean = w.detach().float().mean(0, keepdim=True).to(w.dtype)
+            return nn.Parameter(torch.cat([w.detach(), mean.expand(n - old, -1)]), requires_grad=w.requires_grad)
+        emb.weight, emb.num_embeddings = grow(emb.weight), n
+        if self.llm.cfg.tie_embeddings:
+            self.llm.tie_weights()
+        else:
+            head.weight, head.out_features = grow(head.weight), n
+        self.llm.cfg.vocab_size = n
+
+    @property
+    def device(self):
+        return self.dream_queries.device
+
+    # ------------------------------------------------------------------------------------------------
+    # Documents -> token ids
+
+    def _image_slots(self):
+        t, K, N = self.token_id, self.config.n_queries, self.n_patches
+        dream = [t["<dream_start>"]] + [t["<im_patch>"]] * K + [t["<dream_end>"]]
+        return dream + [t["<im_start>"]] + [t["<im_patch>"]] * N + [t["<im_end>"]]
+
+    def encode_document(self, text, n_images):
+        # -> input_ids (T,), labels (T,): BOS, the text with each <image> expanded to its two slots, EOS
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        image = self.token_id["<image>"]
+        if ids.count(image) != n_images:
+            raise ValueError(f"the text has {ids.count(image)} <image> placeholders but {n_images} images were given")
+        input_ids, labels = [self.bos_id], [-100]  # nothing predicts BOS
+        for i in ids:
+            if i == image:
+                slots = self._image_slots()
+                # only <dream_start> is learned: where an image goes; what fills the slots is not text
+                input_ids += slots
+                labels += [slots[0]] + [-100] * (len(slots) - 1)
+            else:
+                input_ids.append(i)
+                labels.append(i)
+        input_ids.append(self.eos_id)
+        labels.append(self.eos_id)
+        return torch.tensor(input_ids), torch.tensor(labels)
+
+    def collate(self, docs):
+        # docs: [(text, [PIL images])] -> a right-padded batch; images in order of appearance
+        encoded = [self.encode_document(text, len(images)) for text, images in docs]
+        B, T = len(docs), max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((B, T), self.eos_id)
+        labels = torch.full((B, T), -100)
+        attention_mask = torch.zeros(B, T, dtype=torch.long)
+        for b, (ids, lab) in enumerate(encoded):
+            input_ids[b, :len(ids)], labels[b, :len(ids)], attention_mask[b, :len(ids)] = ids, lab, 1
+        return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                    images=[im for _, images in docs for im in images])
+
+    def clip_pixels(self, images):  # PIL images -> (n, 3, s, s), CLIP's own preprocessing; None if none
+        s = self.clip.config.vision.image_size
+        return torch.stack([clip.preprocess(im, s) for im in images]).to(self.device) if images else None
+
+    def vae_pixels(self, images):  # PIL images -> (n, 3, S, S) in [-1, 1]: shortest side to S (bicubic), center crop
+        S, out = self.config.image_size, []
+        for im in images:
+            im = im.convert("RGB")
+            k = S / min(im.size)
+            im = im.resize((max(S, round(im.width * k)), max(S, round(im.height * k))), Image.BICUBIC)
+            left, top = (im.width - S) // 2, (im.height - S) // 2
+            im = im.crop((left, top, left + S, top + S))
+            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(S, S, 3).permute(2, 0, 1)
+            out.append(x.float() / 127.5 - 1)
+        return torch.stack(out).to(self.device)
+
+    # ------------------------------------------------------------------------------------------------
+    # Embedding: token embeddings with the slots' <im_patch> rows overwritten
+
+    def _slot_masks(self, input_ids):
+        # (B, T) masks of the <im_patch> tokens inside dream slots and inside read slots
+        t = self.token_id
+
+        def inside(start, end):  # after an opening token and before its closing one
+            depth = (input_ids == t[start]).cumsum(1) - (input_ids == t[end]).cumsum(1)
+            return (depth > 0) & (input_ids == t["<im_patch>"])
+        return inside("<dream_start>", "<dream_end>"), inside("<im_start>", "<im_end>")
+
+    def read_features(self, clip_pixels):  # (n, 3, s, s) -> (n, N, D)
+        with torch.no_grad():  # CLIP is frozen: its features are an input, like the pixels
+            f = self.clip.image_features(clip_pixels, self.config.clip_layer)[:, 1:]  # (n, N, width), CLS dropped
+        return self.visual_projector(f.to(self.visual_projector.weight.dtype))
+
+    def embed(self, input_ids, clip_pixels=None):
+        # (B, T) -> (B, T, D). Slots are filled in the flattened batch's order: the i-th read slot gets
+        # image i; every dream slot gets the same K queries.
+        K = self.config.n_queries
+        x = self.llm.model.embed_tokens(input_ids)  # (B, T, D)
+        dream, read = self._slot_masks(input_ids)
+        if dream.any():
+            n = int(dream.sum()) // K
+            assert n * K == dream.sum(), "a dream slot must hold exactly n_queries <im_patch> tokens"
+            x = x.masked_scatter(dream[..., None], self.dream_queries.to(x.dtype).repeat(n, 1))
+        if read.any():
+            features = self.read_features(clip_pixels)  # (n, N, D)
+            assert features.shape[:2].numel() == read.sum(), "one image per read slot, N <im_patch> each"
+            x = x.masked_scatter(read[..., None], features.to(x.dtype))
+        return x
+
+    # ------------------------------------------------------------------------------------------------
+    # Training
+
+    def forward(self, batch, generator=None):
+        cfg, K, images = self.config, self.config.n_queries, batch["images"]
+        input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        # Right padding under a causal mask: no real token ever attends to a pad, so attention_mask
+        # is not needed (and SDPA keeps its fast causal path); the pads' labels are -100.
+        h = self.llm.hidden_states(inputs_embeds=self.embed(input_ids, self.clip_pixels(images)))  # (B, T, D)
+        lm = diffusion = torch.zeros((), device=self.device)
+        if cfg.lm_weight:
+            logits = self.llm.lm_head(h[:, :-1]).float()  # position i predicts token i + 1
+            lm = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if cfg.diffusion_weight and images:
+            dream, _ = self._slot_masks(input_ids)
+            context = self.condition_projector(h[dream].view(len(images), K, -1))  # (n_images, K, C)
+            diffusion = self.diffusion_loss(context, self.vae_pixels(images), generator)
+        return dict(loss=cfg.lm_weight * lm + cfg.diffusion_weight * diffusion, lm=lm, diffusion=diffusion)
+
+    def diffusion_loss(self, context, pixels, generator=None):
+        # SD's denoising loss with the LLM's condition, context (n, K, C), pixels (n, 3, S, S) in [-1, 1].
+        # Random draws, in this order, from `generator`: dropout, posterior sample, noise, timesteps.
+        cfg, sched, n = self.config, self.noise_scheduler, len(context)
+        gdev = generator.device if generator is not None else "cpu"  # draws on the generator's device
+        drop = torch.rand(n, generator=generator, device=gdev) < cfg.cond_dropout  # (n,)
+        with torch.no_grad():  # the VAE is frozen; a sample of the posterior, as SD was trained
+            mean, logvar = self.vae.encode(pixels.to(self.vae.quant_conv.weight.dtype))
+            mean, std = mean.float(), (0.5 * logvar.float()).exp()
+            z0 = self.vae.scaling_factor * (mean + std * _randn(mean, generator))  # (n, 4, h, w)
+        eps = _randn(z0, generator)
+        t = torch.randint(0, sched.num_train_timesteps, (n,), generator=generator, device=gdev).to(self.device)
+        if drop.any():  # classifier-free guidance needs the unconditional score too
+            context = torch.where(drop[:, None, None].to(self.device), self.null_condition().to(context.dtype), context)
+        z_t = sched.add_noise(z0, eps, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+        dtype = self.unet.conv_in.weight.dtype
+        out = self.unet(z_t.to(dtype), t, context.to(dtype))  # frozen, but gradients pass through to the context
+        with torch.autocast(self.device.type, enabled=False):  # scheduler math in fp32
+            out = out.float()
+            abar = sched.alphas_cumprod.to(self.device)[t].view(-1, 1, 1, 1)
+            a, s = abar.sqrt(), (1 - abar).sqrt()
+            # the UNet predicts in its own space (prediction_type); convert to the space of the loss
+            native = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}[sched.prediction_type]
+            if cfg.target == native:
+                pred = out
+            else:
+                x0_hat, eps_hat = sched.predict_x0_eps(out, abar, z_t)
+                pred = {"epsilon": eps_hat, "x0": x0_hat, "v": a * eps_hat - s * x0_hat}[cfg.target]
+            target = {"epsilon": eps, "x0": z0, "v": a * eps - s * z0}[cfg.target]  # v: Salimans & Ho 2022
+            mse = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
+            if cfg.min_snr_gamma is not None:
+                # min-SNR-gamma: the x0-space weight min(snr, gamma), divided by what the target's MSE
+                # already carries (|eps err|^2 = snr |x0 err|^2, |v err|^2 = (snr + 1) |x0 err|^2)
+                snr = abar.flatten() / (1 - abar.flatten())
+                clipped = snr.clamp(max=cfg.min_snr_gamma)
+                mse = mse * {"epsilon": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[cfg.target]
+            return mse.mean()
+
+    def null_condition(self):
+        # The CFG null, (1, K, C): the dream queries after an empty prompt, BOS <dream_start>. (<dream_end>
+        # comes after the queries, so under causal attention it cannot change them.) Differentiable.
+        t, K = self.token_id, self.config.n_queries
+        ids = torch.tensor([[self.bos_id, t["<dream_start>"]] + [t["<im_patch>"]] * K], device=self.device)
+        h = self.llm.hidden_states(inputs_embeds=self.embed(ids))  # (1, 2 + K, D)
+        return self.condition_projector(h[:, 2:])
+
+    def trainable_groups(self):
+        # what a training stage may choose to train; CLIP, the VAE and the UNet are in none
+        return {"dream_queries": [self.dream_queries],
+                "condition_projector": list(self.condition_projector.parameters()),
+                "visual_projector": list(self.visual_projector.parameters()),
+                "llm": list(self.llm.parameters())}
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling
+
+    @torch.no_grad()
+    def sample_images(self, context, steps=50, guidance=7.5, sampler="ddim", generator=None, progress=True):
+        # context (n, K, C) -> n PIL images, by DDIM or DDPM with classifier-free guidance
+        n, vae = len(context), self.vae
+        sched = {"ddim": DDIM, "ddpm": DDPM}[sampler](self.scheduler_config)
+        sched.set_timesteps(steps)
+        h = self.config.image_size // 2 ** (len(vae.config.channels) - 1)  # the VAE halves per level but the last
+        z = _randn(torch.empty(n, vae.config.latent_channels, h, h, device=self.device), generator)  # z_T ~ N(0, I)
+        dtype = self.unet.conv_in.weight.dtype
+        # one UNet batch for both branches: (null, cond); guidance 1 needs the conditional one only
+        cond = context if guidance == 1 else torch.cat([self.null_condition().expand(n, -1, -1), context])
+        for t in tqdm(sched.timesteps, desc="dreaming", disable=not progress, leave=False):
+            out = self.unet((z if guidance == 1 else torch.cat([z, z])).to(dtype), t, cond.to(dtype)).float()
+            if guidance != 1:
+                null, conditional = out.chunk(2)
+                out = null + guidance * (conditional - null)  # CFG (Ho & Salimans 2022)
+            z = sched.step(out, t, z, generator=generator)
+        images = vae.decode((z / vae.scaling_factor).to(vae.quant_conv.weight.dtype))  # (n, 3, S, S), about [-1, 1]
+        return to_pil(images)
+
+    @torch.no_grad()
+    def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5, steps=50,
+                 sampler="ddim", generator=None, force_image=False, max_images=4, progress=True):
+        # Continues `text` into a document: a list of str and PIL images. Given images (one per <image>
+        # in the text) are laid out exactly as in training, dream slot + read slot, the only way the
+        # model has seen images; the queries' outputs are simply not used. `max_new_tokens` counts the
+        # sampled tokens (<dream_start> included), not the slots.
+        t, K, N, llm = self.token_id, self.config.n_queries, self.n_patches, self.llm
+        images = list(images)
+        ids = self.encode_document(text, len(images))[0][:-1].to(self.device)  # BOS + prompt, no EOS
+        cache = llm.new_cache()
+        h = llm.hidden_states(inputs_embeds=self.embed(ids[None], self.clip_pixels(images)), cache=cache)[:, -1]
+        # tokens never learned as labels (BOS, slot internals) are never written
+        banned = [self.bos_id] + [t[s] for s in SPECIAL_TOKENS if s != "<dream_start>"]
+        segments, text_ids, n_images = [], [], 0
+
+        def flush():
+            if text_ids:
+                segments.append(self.tokenizer.decode(text_ids))
+                text_ids.clear()
+        for i in range(max_new_tokens):
+            logits = llm.lm_head(h).float()  # (1, vocab)
+            logits[:, banned] = float("-inf")
+            if n_images >= max_images:
+                logits[:, t["<dream_start>"]] = float("-inf")
+            forced = force_image and i == 0
+            token = t["<dream_start>"] if forced else llama.sample(logits, temperature, top_p, generator).item()
+            if token == self.eos_id:
+                break
+            if token != t["<dream_start>"]:
+                text_ids.append(token)
+                h = llm.hidden_states(torch.tensor([[token]], device=self.device), cache=cache)[:, -1]
+                continue
+            # the model put an image here: run the queries, dream the image ...
+            flush()
+            dream = torch.tensor([[t["<dream_start>"]] + [t["<im_patch>"]] * K], device=self.device)
+            hq = llm.hidden_states(inputs_embeds=self.embed(dream), cache=cache)[:, 1:]  # (1, K, D)
+            image = self.sample_images(self.condition_projector(hq), steps, guidance, sampler, generator, progress)[0]
+            segments.append(image)
+            n_images += 1
+            # ... then read it back through CLIP, so that the text after it can refer to it
+            read = [t["<dream_end>"], t["<im_start>"]] + [t["<im_patch>"]] * N + [t["<im_end>"]]
+            x = self.embed(torch.tensor([read], device=self.device), self.clip_pixels([image]))
+            h = llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
+        flush()
+        return segments
+
+    @torch.no_grad()
+    def text_to_image(self, prompt, num_images=1, **sampling):
+        # BOS + prompt + a forced dream slot; one condition, num_images noises (batched)
+        t, K = self.token_id, self.config.n_queries
+        ids = self.encode_document(prompt, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
+        h = self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
+        return self.sample_images(self.condition_projector(h).expand(num_images, -1, -1), **sampling)
+
+    def answer(self, image, question, **generate_kw):
+        # image -> text: the document "<image>question" continued, with no image writing allowed
+        segments = self.generate("<image>" + question, [image], max_images=0, **generate_kw)
+        return "".join(segments)
+
+
+def _randn(like, generator):
+    # N(0, I) shaped like `like`, drawn on the generator's device (a CPU generator reproduces anywhere)
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(like.shape, generator=generator, device=device).to(like.device)
+
+
+def to_pil(x):  # (n, 3, H, W) in [-1, 1] -> n PIL images
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return [Image.fromarray(a.numpy()) for a in x]
+
+
+PRESETS = {
+    # random backbones in memory, in well under a second: tests, and the pipeline anywhere.
+    # LLaMA dim 64 = CLIP width 64 = UNet context 64 (the projectors would bridge any widths);
+    # 32 px CLIP (16 patches); a 4x VAE: 64 px images, 16 x 16 latents.
+    "tiny": dict(llm="tiny", clip="clip-tiny-vision", sd="tiny", config=DreamConfig(n_queries=8, image_size=64)),
+    # Next: "toy" (our own trained weights, weights/toy/) and "dreamllm-7b" (Vicuna-7B + CLIP ViT-L/14 +
+    # SD 2.1-base with the official DreamLLM weights): loaded from files, not built at random.
+}
+
+
+def build(preset="tiny", seed=0, **config) -> DreamLLM:
+    # A preset with random init from `seed` (the global RNG is left as it was); `config` overrides
+    # DreamConfig fields, e.g. build("tiny", target="v", min_snr_gamma=5.0).
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (have {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    sd = unet.PRESETS[p["sd"]]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DreamLLM(llama.build(p["llm"]), clip.build(p["clip"]), unet.build_unet(sd), unet.build_vae(sd),
+                        sd["scheduler"], byte_tokenizer(), replace(p["config"], **config))
