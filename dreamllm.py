@@ -17,7 +17,9 @@ Every image of a document is written as a dream slot, then a read slot: the mode
     losses = model(model.collate([("a red circle: <image> it is red", [pil_image])]))
     segments = model.generate("a picture of a circle", force_image=True)   # [Image, " text ..."]
 """
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -71,6 +73,10 @@ class DreamLLM(nn.Module):
             frozen.requires_grad_(False)
         self.config, self.scheduler_config, self.tokenizer = config, dict(scheduler_config), tokenizer
         self.noise_scheduler = DDPM(scheduler_config)  # the forward process q(z_t | z_0) of training
+        # rows >= n_text_vocab are the tokens DreamLLM adds (and, for a tokenizer bigger than its LLM,
+        # the ones the LLM never saw): a frozen LLM's stage still trains them ("new_tokens", as LLaVA)
+        self.n_text_vocab = min(llm.model.embed_tokens.weight.shape[0],
+                                tokenizer.get_vocab_size(with_added_tokens=True))
         tokenizer.add_special_tokens(SPECIAL_TOKENS)   # a no-op for tokens it already has
         self.token_id = {s: tokenizer.token_to_id(s) for s in SPECIAL_TOKENS}
         self.bos_id, self.eos_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
@@ -257,11 +263,44 @@ class DreamLLM(nn.Module):
         return self.condition_projector(h[:, 2:])
 
     def trainable_groups(self):
-        # what a training stage may choose to train; CLIP, the VAE and the UNet are in none
+        # what a training stage may choose to train; CLIP, the VAE and the UNet are in none.
+        # "new_tokens" holds whole matrices (shared with "llm"): a trainer masks their gradient to
+        # the rows >= n_text_vocab when it trains them without the LLM.
+        emb, head = self.llm.model.embed_tokens.weight, self.llm.lm_head.weight
         return {"dream_queries": [self.dream_queries],
                 "condition_projector": list(self.condition_projector.parameters()),
                 "visual_projector": list(self.visual_projector.parameters()),
+                "new_tokens": [emb] if self.llm.cfg.tie_embeddings else [emb, head],
                 "llm": list(self.llm.parameters())}
+
+    def _trained_tensors(self, groups):
+        # name -> (parameter, first row saved): what a stage trained, by the name it is saved under
+        out, n = {}, self.n_text_vocab
+        for group in groups:
+            if group == "new_tokens":  # only the new rows: the old ones are the pretrained LLM's
+                out["new_tokens.embed_tokens"] = (self.llm.model.embed_tokens.weight, n)
+                if not self.llm.cfg.tie_embeddings:
+                    out["new_tokens.lm_head"] = (self.llm.lm_head.weight, n)
+            elif group in self.trainable_groups():
+                out |= {k: (p, 0) for k, p in self.named_parameters() if k == group or k.startswith(group + ".")}
+            else:
+                raise ValueError(f"unknown group {group!r} (have {', '.join(self.trainable_groups())})")
+        return out
+
+    def trained_state(self, groups):  # -> {name: CPU tensor}, e.g. "dream_queries", "new_tokens.lm_head"
+        return {k: p.detach()[row:].cpu().clone() for k, (p, row) in self._trained_tensors(groups).items()}
+
+    @torch.no_grad()
+    def load_trained_state(self, state):
+        # the inverse of trained_state, strict: every name must be known and every shape must match
+        known = self._trained_tensors(self.trainable_groups())
+        for k, v in state.items():
+            if k not in known:
+                raise ValueError(f"trained state: unknown tensor {k!r} (not a tensor of this model's groups)")
+            p, row = known[k]
+            if v.shape != p[row:].shape:
+                raise ValueError(f"trained state: {k} is {tuple(v.shape)}, this model's is {tuple(p[row:].shape)}")
+            p[row:].copy_(v)
 
     # ------------------------------------------------------------------------------------------------
     # Sampling
@@ -335,16 +374,18 @@ class DreamLLM(nn.Module):
 
     @torch.no_grad()
     def text_to_image(self, prompt, num_images=1, **sampling):
-        # BOS + prompt + a forced dream slot; one condition, num_images noises (batched)
+        # BOS + prompt + " " + a forced dream slot; one condition, num_images noises (batched)
+        # (the space: training documents read "caption <image>", and the tokenizer splits at <image>)
         t, K = self.token_id, self.config.n_queries
-        ids = self.encode_document(prompt, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
+        text = prompt.rstrip() + " " if prompt.strip() else ""
+        ids = self.encode_document(text, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
         h = self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
         return self.sample_images(self.condition_projector(h).expand(num_images, -1, -1), **sampling)
 
     def answer(self, image, question, **generate_kw):
-        # image -> text: the document "<image>question" continued, with no image writing allowed
-        segments = self.generate("<image>" + question, [image], max_images=0, **generate_kw)
-        return "".join(segments)
+        # image -> text: the document "<image> question" continued (data.py's Q&A form), no images written
+        segments = self.generate("<image> " + question, [image], max_images=0, **generate_kw)
+        return "".join(segments).strip()
 
 
 def _randn(like, generator):
@@ -363,9 +404,14 @@ PRESETS = {
     # LLaMA dim 64 = CLIP width 64 = UNet context 64 (the projectors would bridge any widths);
     # 32 px CLIP (16 patches); a 4x VAE: 64 px images, 16 x 16 latents.
     "tiny": dict(llm="tiny", clip="clip-tiny-vision", sd="tiny", config=DreamConfig(n_queries=8, image_size=64)),
-    # Next: "toy" (our own trained weights, weights/toy/) and "dreamllm-7b" (Vicuna-7B + CLIP ViT-L/14 +
-    # SD 2.1-base with the official DreamLLM weights): loaded from files, not built at random.
+    # the shapes world's own pretrained backbones, loaded from weights/toy/ (python -m weights.train_toy):
+    # a 4-layer LLaMA (dim 192), a 64 px CLIP (64 patches), a 4x VAE and a UNet with 128-wide context
+    "toy": dict(folder=Path(__file__).resolve().parent / "weights" / "toy",
+                config=DreamConfig(n_queries=8, image_size=64)),
+    # Next: "dreamllm-7b" (Vicuna-7B + CLIP ViT-L/14 + SD 2.1-base with the official DreamLLM weights).
 }
+TOY_PARTS = ["tokenizer.json", "llm/config.json", "clip/config.json", "vae/config.json", "unet/config.json",
+             "scheduler/scheduler_config.json"]
 
 
 def build(preset="tiny", seed=0, **config) -> DreamLLM:
@@ -374,8 +420,18 @@ def build(preset="tiny", seed=0, **config) -> DreamLLM:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (have {', '.join(PRESETS)})")
     p = PRESETS[preset]
-    sd = unet.PRESETS[p["sd"]]
+    config = replace(p["config"], **config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return DreamLLM(llama.build(p["llm"]), clip.build(p["clip"]), unet.build_unet(sd), unet.build_vae(sd),
-                        sd["scheduler"], byte_tokenizer(), replace(p["config"], **config))
+        if "folder" not in p:
+            sd = unet.PRESETS[p["sd"]]
+            return DreamLLM(llama.build(p["llm"]), clip.build(p["clip"]), unet.build_unet(sd), unet.build_vae(sd),
+                            sd["scheduler"], byte_tokenizer(), config)
+        folder = p["folder"]  # backbones from files; only DreamLLM's own parts are initialised from `seed`
+        if missing := [f for f in TOY_PARTS if not (folder / f).is_file()]:
+            raise FileNotFoundError(f"preset {preset!r}: {folder / missing[0]} is missing; "
+                                    "make the toy backbones with `python -m weights.train_toy`")
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        return DreamLLM(llama.load(folder / "llm"), clip.load(folder / "clip"), unet.load_unet(folder / "unet"),
+                        unet.load_vae(folder / "vae"), scheduler, Tokenizer.from_file(str(folder / "tokenizer.json")),
+                        config)

@@ -1,0 +1,185 @@
+"""Samples a trained DreamLLM (a train.py run's folder): text -> images, interleaved documents,
+image -> text, and the shapes world's evaluation.
+
+    python sample.py --prompt "a red circle" --num-images 4 --seed 0     # PNGs + grid.png in out/samples
+    python sample.py --document "Here is a blue square. <image>"          # out/samples/document.html
+    python sample.py --image out/samples/a_red_circle_0.png --question "What colour is the circle?"
+    python sample.py --eval --eval-images 4            # held-out prompts: colour and shape accuracy
+
+--eval writes images for the prompts of data.eval_prompts() (colour-shape combinations no training
+document showed) and judges them with data.analyse: the toy world's FID table. --untrained evaluates
+the preset as built (dream queries at init), the baseline that shows what training did.
+"""
+import html
+import json
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+import data
+import dreamllm
+from checkpoint import CheckpointError
+from train import DEFAULT_PRESET, Help, Parser, Stop, autocast, pick_device, read_run, read_tensors
+
+
+def load(args):
+    # -> (model, its run's config or None): the checkpoint's preset, built, with its trained state loaded
+    if args.untrained:
+        return dreamllm.build(args.preset or DEFAULT_PRESET, seed=args.seed), None
+    ckpt = Path(args.ckpt or f"out/{args.preset or DEFAULT_PRESET}")
+    run = read_run(ckpt)
+    if run is None:
+        raise Stop(f"{ckpt}: no checkpoint there (no config.json); train one with train.py")
+    if args.preset and run["preset"] != args.preset:
+        raise Stop(f"{ckpt} holds a checkpoint of preset {run['preset']}, not {args.preset}")
+    if Path(args.out).resolve() == ckpt.resolve():
+        raise Stop(f"--out {args.out} is the checkpoint's folder; write samples somewhere else")
+    model = dreamllm.build(run["preset"], seed=run["seed"], **run["dream_config"])
+    model.load_trained_state(read_tensors(ckpt / "model.safetensors", run["step"]))
+    return model, run
+
+
+def grid(rows, scale=2, pad=4, label_h=16):
+    # [(label, [PIL images])] -> one image: each row's label above its images, scaled up (nearest)
+    S = rows[0][1][0].width * scale
+    width = max(pad + max(len(ims) for _, ims in rows) * (S + pad),
+                max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label)) for label, _ in rows) + 2 * pad)
+    canvas = Image.new("RGB", (width, pad + len(rows) * (label_h + S + pad)), "white")
+    pen = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        y = pad + r * (label_h + S + pad)
+        pen.text((pad, y + 2), label, fill="black")
+        for c, im in enumerate(images):
+            canvas.paste(im.resize((S, S), Image.NEAREST), (pad + c * (S + pad), y + label_h))
+    return canvas
+
+
+def slug(text):  # "a red circle" -> "a_red_circle", for file names
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "image"
+
+
+def write_document(prompt, segments, out):
+    # plain HTML, UTF-8, every text escaped, the images as PNGs beside it
+    parts, n = [f"<b>{html.escape(prompt)}</b>"], 0
+    for segment in segments:
+        if isinstance(segment, str):
+            parts.append(html.escape(segment))
+        else:
+            n += 1
+            segment.save(out / f"document_{n}.png")
+            parts.append(f'<br><img src="document_{n}.png" alt="image {n}" width="192" '
+                         f'style="image-rendering: pixelated"><br>')
+    page = ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>DreamLLM document</title></head>\n'
+            '<body style="font-family: sans-serif; max-width: 40em; margin: 2em auto; line-height: 1.5">\n'
+            f'<p>{"".join(parts)}</p>\n</body></html>\n')
+    (out / "document.html").write_text(page, encoding="utf-8")
+    return n
+
+
+def evaluate(model, run, args, sampling, out):
+    # text -> image on held-out prompts, judged by the shapes world's analyser; toy VQA on held-out
+    # images when the visual projector was trained
+    n, rows, per_prompt = args.eval_images, [], {}
+    for prompt, colour, shape in tqdm(data.eval_prompts(), desc="eval prompts", unit="prompt"):
+        images = model.text_to_image(prompt, n, **sampling)
+        seen = [data.analyse(im) for im in images]
+        per_prompt[prompt] = dict(colour=sum(c == colour for c, _ in seen) / n,
+                                  shape=sum(s == shape for _, s in seen) / n,
+                                  both=sum((c, s) == (colour, shape) for c, s in seen) / n,
+                                  seen=[f"{c} {s}" for c, s in seen])
+        rows.append((prompt, images))
+    result = {k: sum(p[k] for p in per_prompt.values()) / len(per_prompt) for k in ("colour", "shape", "both")}
+    print(f"\n{'held-out prompt':<20} {'colour':>7} {'shape':>7} {'both':>7}")
+    for prompt, p in list(per_prompt.items()) + [("all", result)]:
+        print(f"{prompt:<20} {p['colour']:>7.2f} {p['shape']:>7.2f} {p['both']:>7.2f}")
+    if run is not None and "visual_projector" in run["groups"]:
+        right = 0
+        for i in tqdm(range(args.eval_questions), desc="toy VQA", unit="question"):
+            scene, question, answer = data.question_example(args.seed, i, split="eval")
+            reply = model.answer(data.draw(scene), question, max_new_tokens=args.max_new_tokens, progress=False)
+            right += reply.rstrip(".").strip() == answer
+        result["vqa"] = right / args.eval_questions
+        print(f"toy VQA on {args.eval_questions} held-out images: {result['vqa']:.2f}")
+    grid(rows).save(out / "eval_grid.png")
+    report = dict(colour_accuracy=result["colour"], shape_accuracy=result["shape"], both_accuracy=result["both"],
+                  vqa_accuracy=result.get("vqa"), per_prompt=per_prompt, images_per_prompt=n,
+                  ckpt=None if run is None else args.ckpt, step=None if run is None else run["step"],
+                  sampling={k: v for k, v in sampling.items() if k != "generator"})
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
+
+
+def main(argv=None):
+    p = Parser(description="Sample a trained DreamLLM: images, documents, answers; --eval scores it.",
+               formatter_class=Help)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text -> --num-images images (PNGs and a labelled grid.png)")
+    what.add_argument("--document", help="continue this text into an interleaved document (document.html); "
+                      "a final <image> asks for an image there")
+    what.add_argument("--image", help="an image to ask --question about")
+    what.add_argument("--eval", action="store_true", help="colour and shape accuracy on held-out prompts")
+    p.add_argument("--question", help="the question about --image")
+    p.add_argument("--ckpt", help=f"a train.py run's folder (default: out/<preset>, preset {DEFAULT_PRESET})")
+    p.add_argument("--preset", help="the preset the checkpoint must be of (default: whatever it is)")
+    p.add_argument("--untrained", action="store_true", help="no checkpoint: the preset as built (a baseline)")
+    p.add_argument("--out", default="out/samples", help="folder for the PNGs, document.html, eval.json")
+    p.add_argument("--num-images", type=int, default=4, help="images for --prompt")
+    p.add_argument("--seed", type=int, default=0, help="the noise (and the text, if --temperature > 0)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="the denoising sampler")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write (documents, answers)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--eval-images", type=int, default=8, help="--eval: images per held-out prompt")
+    p.add_argument("--eval-questions", type=int, default=40, help="--eval: toy VQA questions")
+    p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu")
+    args = p.parse_args(argv)
+    if bool(args.image) != bool(args.question):
+        p.error("--image and --question go together")
+    if min(args.num_images, args.steps, args.eval_images, args.eval_questions) < 1:
+        p.error("--num-images, --steps, --eval-images and --eval-questions must be at least 1")
+    try:
+        if args.image:  # read it first: a bad path fails before the model loads
+            try:
+                with Image.open(args.image) as f:
+                    image = f.convert("RGB")
+            except (OSError, UnidentifiedImageError) as e:
+                raise Stop(f"{args.image}: not a readable image ({e.__class__.__name__})") from None
+        device = pick_device(args.device)
+        model, run = load(args)
+        model = model.to(device).eval()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same images on any device
+        sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, generator=g)
+        with torch.no_grad(), autocast(device):
+            if args.prompt is not None:
+                images = model.text_to_image(args.prompt, args.num_images, **sampling)
+                for i, im in enumerate(images):
+                    im.save(out / f"{slug(args.prompt)}_{i}.png")
+                grid([(args.prompt, images)]).save(out / "grid.png")
+                print(f"wrote {len(images)} images and grid.png to {out}")
+            elif args.document is not None:
+                # a text ending in <image> asks for an image there first (the rest is the model's choice)
+                text, force = args.document.rstrip(), args.document.rstrip().endswith(data.IMAGE_TOKEN)
+                text = text.removesuffix(data.IMAGE_TOKEN) if force else args.document
+                segments = model.generate(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                          force_image=force, **sampling)
+                n = write_document(text, segments, out)
+                print(f"wrote {out / 'document.html'} with {n} image(s)")
+            elif args.image:
+                print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, generator=g))
+            else:
+                evaluate(model, run, args, sampling, out)
+    except (Stop, CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sample.py: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("sample.py: interrupted") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""sample.py on a tiny checkpoint (CPU): images, the interleaved document's HTML, answers, --eval, bad input."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # see test_train.py
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, one_thread):
+    # stage I trains the visual projector too, so --eval also scores toy VQA
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--preset", "tiny", "--stage", "I", "--steps", "2", "--batch-size", "2", "--device", "cpu",
+                "--out", str(out)])
+    return str(out)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def one_line_error(r):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sample.py") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def fails(argv):
+    # in-process: sample.main exits with a one-line message (SystemExit(str) prints it to stderr, status 1)
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code and e.value.code.startswith("sample.py: ")
+    return e.value.code
+
+
+def test_prompt_writes_pngs_and_a_grid(ckpt, tmp_path):
+    r = run("--ckpt", ckpt, "--prompt", "a red circle", "--num-images", "2", "--steps", "5", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["a_red_circle_0.png", "a_red_circle_1.png", "grid.png"]
+    assert Image.open(tmp_path / "a_red_circle_0.png").size == (64, 64)
+    assert Image.open(tmp_path / "grid.png").size[0] > 2 * 64  # two images, scaled up, side by side
+    assert not (Path(ckpt) / "grid.png").exists()
+
+
+def test_document_html_references_images_that_exist(ckpt, tmp_path):
+    text = "Here is a <b>red</b> circle & more. <image>"  # a final <image>: an image is written there
+    r = run("--ckpt", ckpt, "--document", text, "--steps", "5", "--max-new-tokens", "6", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    page = (tmp_path / "document.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and 'charset="utf-8"' in page
+    assert "&lt;b&gt;red&lt;/b&gt; circle &amp; more." in page and "<b>red</b>" not in page  # escaped
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) >= 1
+    for src in sources:
+        assert Image.open(tmp_path / src).size == (64, 64)
+
+
+def test_answer_asks_in_the_training_format_and_prints_the_reply(ckpt, tmp_path, capsys, monkeypatch):
+    picture, asked = tmp_path / "q.png", []
+    data.draw(data.caption_example(0, 0, "eval")[1]).save(picture)
+    generate = sample.dreamllm.DreamLLM.generate
+
+    def spy(self, text, images=(), **kw):
+        asked.append((text, images, kw["max_images"]))
+        generate(self, text, images, **kw)  # really run it, then answer for the test
+        return [" blue"]
+    monkeypatch.setattr(sample.dreamllm.DreamLLM, "generate", spy)
+    sample.main(["--ckpt", ckpt, "--image", str(picture), "--question", "What colour is it?",
+                 "--max-new-tokens", "3", "--out", str(tmp_path / "o")])
+    assert capsys.readouterr().out == "blue\n"
+    (text, images, max_images), = asked
+    assert text == "<image> What colour is it?" and max_images == 0  # data.py's "<image> {question} {answer}"
+    assert images[0].tobytes() == Image.open(picture).convert("RGB").tobytes()
+    assert not any((tmp_path / "o").iterdir())  # answering writes no file
+
+
+def test_eval_reports_accuracies_in_unit_interval(ckpt, tmp_path, capsys):
+    sample.main(["--ckpt", ckpt, "--eval", "--eval-images", "1", "--eval-questions", "2", "--steps", "2",
+                 "--max-new-tokens", "3", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("colour_accuracy", "shape_accuracy", "both_accuracy", "vqa_accuracy"):
+        assert 0 <= report[key] <= 1, key
+    assert set(report["per_prompt"]) == {p for p, _, _ in data.eval_prompts()}
+    for prompt, _, _ in data.eval_prompts():
+        assert prompt in printed
+    assert "toy VQA" in printed and (tmp_path / "eval_grid.png").is_file()
+
+
+def test_eval_judges_the_images_it_writes(tmp_path, monkeypatch, capsys):
+    # the accuracy is the analyser's verdict: perfect pictures score 1, blank ones 0
+    def drawn(self, prompt, n, **kw):
+        colour, shape = prompt.split()[1:]
+        scene = data.Scene((data.Shape(colour, shape, "large", "in the middle"),))
+        return [data.draw(scene)] * n
+    monkeypatch.setattr(sample.dreamllm.DreamLLM, "text_to_image", drawn)
+    sample.main(["--untrained", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert (report["colour_accuracy"], report["shape_accuracy"], report["vqa_accuracy"]) == (1.0, 1.0, None)
+    monkeypatch.setattr(sample.dreamllm.DreamLLM, "text_to_image",
+                        lambda self, prompt, n, **kw: [Image.new("RGB", (64, 64), data.BACKGROUND)] * n)
+    sample.main(["--untrained", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert (report["colour_accuracy"], report["shape_accuracy"]) == (0.0, 0.0)
+
+
+def test_bad_input_exits_with_one_line(ckpt, tmp_path):
+    assert "no checkpoint" in one_line_error(run("--ckpt", str(tmp_path / "none"), "--prompt", "a red circle"))
+    one_line_error(run("--ckpt", ckpt, "--prompt", "x", "--no-such-flag"))
+    r = run("-h")
+    assert r.returncode == 0 and "--document" in r.stdout and "--eval" in r.stdout
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    assert "not a readable image" in fails(["--ckpt", ckpt, "--image", str(not_an_image), "--question", "what?"])
+    assert "preset tiny, not toy" in fails(["--ckpt", ckpt, "--preset", "toy", "--prompt", "a red circle"])
+    assert "checkpoint's folder" in fails(["--ckpt", ckpt, "--prompt", "a red circle", "--out", ckpt])
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt, "--image", str(not_an_image)])  # no --question
+    assert e.value.code == 2

@@ -1,0 +1,273 @@
+"""train.py on the tiny preset (CPU): what trains and what stays frozen, checkpoints, exact resume, NaN,
+Ctrl-C, bad input; and the DreamLLM additions it relies on (new token rows, trained_state)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import data
+import dreamllm
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--log-every", "1"]
+# one thread: on a 2-core machine shared with other work, torch's default two threads thrash
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def fails(argv, capsys, code=1):
+    # train.main(argv) exits non-zero with one line on stderr; returns that line
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == code
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("train.py: ") and "Traceback" not in line
+    return line
+
+
+def state(folder, name="model.safetensors"):
+    return load_file(Path(folder) / name)
+
+
+def step_of(folder):
+    folder = Path(folder)
+    metas = []
+    for name in ("model.safetensors", "train_state.safetensors"):
+        with safe_open(folder / name, "pt") as f:
+            metas.append(int(f.metadata()["step"]))
+    return json.loads((folder / "config.json").read_text())["step"], *metas
+
+
+# ---- the entry point --------------------------------------------------------------------------------
+
+def test_entry_point_trains_prints_the_loss_and_checkpoints(tmp_path):
+    r = run("train.py", "--preset", "tiny", "--steps", "20", "--device", "cpu", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 20/20" in r.stdout and "loss" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "train_state.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["preset"], config["stage"], config["step"], config["steps"]) == ("tiny", "I-creation", 20, 20)
+    assert set(state(tmp_path)) == {"dream_queries", "condition_projector.weight", "new_tokens.embed_tokens",
+                                    "new_tokens.lm_head"}
+
+
+def test_help_and_unknown_flag():
+    r = run("train.py", "-h")
+    assert r.returncode == 0 and "--stage" in r.stdout and "--resume" in r.stdout
+    r = run("train.py", "--no-such-flag")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ---- what trains ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ["I", "II"])
+def test_frozen_modules_get_no_gradient_and_stay_bit_identical(stage, tmp_path, monkeypatch):
+    built, grads = [], []
+    build = dreamllm.build
+    monkeypatch.setattr(dreamllm, "build", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):  # the gradients as the optimizer is about to see them
+        grads.append({n: None if p.grad is None else p.grad.clone() for n, p in built[0].named_parameters()})
+        return clip(params, max_norm)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train.main(FAST + ["--stage", stage, "--steps", "2", "--weight-decay", "0.1", "--out", str(tmp_path)])
+    model, fresh = built[0], build("tiny")
+    before, after = dict(fresh.named_parameters()), dict(model.named_parameters())
+    n = model.n_text_vocab
+    for name, p in after.items():
+        frozen = name.startswith(("clip.", "vae.", "unet.")) or (stage == "I" and name.startswith("llm."))
+        new_rows = name in ("llm.model.embed_tokens.weight", "llm.lm_head.weight")
+        if frozen and not new_rows:
+            assert all(g[name] is None for g in grads), f"{name} received a gradient"
+            assert torch.equal(p, before[name]), f"{name} changed"
+        elif new_rows and stage == "I":  # only the rows of the added tokens train
+            assert torch.equal(p[:n], before[name][:n]), f"{name}: an old row changed"
+            assert all(g[name][:n].abs().sum() == 0 for g in grads)
+            assert not torch.equal(p[n:], before[name][n:]), f"{name}: the new rows did not train"
+        elif not frozen:
+            assert all(g[name] is not None for g in grads), f"{name} received no gradient"
+            assert not torch.equal(p, before[name]), f"{name} did not train"
+    assert model.n_text_vocab < model.llm.cfg.vocab_size
+
+
+def test_new_token_rows_are_the_special_tokens():
+    m = dreamllm.build("tiny")
+    assert m.n_text_vocab == 256  # the tiny LLM's own vocabulary: one row per byte
+    assert all(m.token_id[s] >= m.n_text_vocab for s in dreamllm.SPECIAL_TOKENS)
+    assert m.bos_id >= m.n_text_vocab  # the byte tokenizer's <s> and </s> are new to the tiny LLM too
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+def test_resume_ends_bit_identical_to_the_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(FAST + ["--steps", "20", "--out", str(a)])
+    train.main(FAST + ["--steps", "20", "--stop-after", "10", "--out", str(b)])
+    assert step_of(b) == (10, 10, 10)
+    train.main(FAST + ["--steps", "20", "--out", str(b), "--resume"])
+    assert step_of(b) == (20, 20, 20)
+    for name in ("model.safetensors", "train_state.safetensors"):
+        sa, sb = state(a, name), state(b, name)
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}: {k} differs"
+    losses = [json.loads((run / "config.json").read_text())["losses"] for run in (a, b)]
+    assert losses[0] == losses[1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    forward, calls = dreamllm.DreamLLM.forward, []
+
+    def poisoned(self, batch, generator=None):
+        out = forward(self, batch, generator)
+        calls.append(1)
+        if len(calls) == 4:  # step 4
+            out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(dreamllm.DreamLLM, "forward", poisoned)
+    line = fails(FAST + ["--steps", "6", "--save-every", "2", "--out", str(tmp_path)], capsys)
+    assert "step 4" in line and "nan" in line and "step 2" in line
+    assert step_of(tmp_path) == (2, 2, 2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_ctrl_c_saves_then_exits_nonzero_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    forward, calls = dreamllm.DreamLLM.forward, []
+
+    def interrupting(self, batch, generator=None):
+        calls.append(1)
+        if len(calls) == 2:  # during step 2: that step finishes, is saved, then the run stops
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, batch, generator)
+    monkeypatch.setattr(dreamllm.DreamLLM, "forward", interrupting)
+    line = fails(FAST + ["--steps", "4", "--out", str(tmp_path)], capsys, code=130)
+    assert "interrupted" in line and "--resume" in line
+    assert step_of(tmp_path) == (2, 2, 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    train.main(FAST + ["--steps", "4", "--out", str(tmp_path), "--resume"])
+    assert step_of(tmp_path) == (4, 4, 4)
+
+
+def test_writes_are_atomic(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"the old checkpoint")
+
+    def crash(tmp):
+        tmp.write_bytes(b"half a new")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train.write_atomically(path, crash)
+    assert path.read_bytes() == b"the old checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    train.write_atomically(path, lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_bad_runs_are_refused_with_one_line(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert "no checkpoint" in fails(FAST + ["--steps", "2", "--out", out, "--resume"], capsys)
+    train.main(FAST + ["--steps", "2", "--out", out])
+    assert "--resume" in fails(FAST + ["--steps", "2", "--out", out], capsys)  # never overwritten silently
+    assert "--stage" in fails(FAST + ["--steps", "2", "--out", out, "--resume", "--stage", "II"], capsys)
+    assert "--batch-size" in fails(FAST + ["--steps", "4", "--out", out, "--resume", "--batch-size", "3"], capsys)
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    assert "unreadable" in fails(FAST + ["--steps", "2", "--out", out, "--resume"], capsys)
+
+
+# ---- data and state ---------------------------------------------------------------------------------
+
+def test_batches_are_a_pure_function_of_seed_and_index_and_never_held_out():
+    args = train.parse_args(["--stage", "I"])
+    source = train.example_source(args, train.STAGES["I"])
+    a, b = [source(e) for e in range(12)], [source(e) for e in range(12)]
+    assert [t for t, _ in a] == [t for t, _ in b]
+    assert all(x.tobytes() == y.tobytes() for (_, xs), (_, ys) in zip(a, b) for x, y in zip(xs, ys))
+    texts = [source(e)[0] for e in range(300)]
+    assert all(text.count(data.IMAGE_TOKEN) >= 1 for text in texts)
+    kinds = {"t2i": lambda t: t.endswith(" " + data.IMAGE_TOKEN) and t.count(data.IMAGE_TOKEN) == 1,
+             "vqa": lambda t: t.startswith(data.IMAGE_TOKEN + " ") and "?" in t}
+    assert all(any(is_kind(t) for t in texts) for is_kind in kinds.values())
+    for colour, shape in data.HELD_OUT:
+        assert not any(f"{colour} {shape}" in t for t in texts)
+
+
+def test_trained_state_round_trips_and_is_strict():
+    m, fresh = dreamllm.build("tiny", seed=1), dreamllm.build("tiny", seed=2)
+    groups = ["dream_queries", "condition_projector", "visual_projector", "new_tokens"]
+    s = m.trained_state(groups)
+    assert s["new_tokens.embed_tokens"].shape == (m.llm.cfg.vocab_size - m.n_text_vocab, 64)
+    assert set(s) == {"dream_queries", "condition_projector.weight", "visual_projector.weight", "visual_projector.bias",
+                      "new_tokens.embed_tokens", "new_tokens.lm_head"}
+    old_rows = fresh.llm.model.embed_tokens.weight[:fresh.n_text_vocab].clone()
+    fresh.load_trained_state(s)
+    assert all(torch.equal(v, fresh.trained_state(groups)[k]) for k, v in s.items())
+    assert torch.equal(fresh.llm.model.embed_tokens.weight[:fresh.n_text_vocab], old_rows)
+    with pytest.raises(ValueError, match="unknown"):
+        fresh.load_trained_state({"dream_querie": s["dream_queries"]})
+    with pytest.raises(ValueError, match="dream_queries"):
+        fresh.load_trained_state({"dream_queries": torch.zeros(3, 64)})
+    assert "llm.model.norm.weight" in m.trained_state(["llm"])
+
+
+def test_prompts_are_laid_out_as_in_training(monkeypatch):
+    m = dreamllm.build("tiny")
+    seen = []
+    embed = m.embed
+    monkeypatch.setattr(m, "embed", lambda ids, pixels=None: seen.append(ids[0].tolist()) or embed(ids, pixels))
+    m.text_to_image("a red circle", steps=1, progress=False)
+    trained = m.encode_document("a red circle <image>", 1)[0].tolist()
+    assert seen[0] == trained[:len(seen[0])] and seen[0][-1] == m.token_id["<im_patch>"]
+
+
+@pytest.mark.skipif(not (ROOT / "weights" / "toy" / "unet" / "config.json").is_file(), reason="no toy weights yet")
+def test_toy_preset_loads():
+    m = dreamllm.build("toy")
+    assert m.config.image_size == 64 and m.n_patches == 64
+    assert m.tokenizer.token_to_id("<image>") == m.token_id["<image>"] < m.n_text_vocab
+    assert m.text_to_image("a red circle", steps=2, progress=False)[0].size == (64, 64)
+
+
+def test_toy_preset_without_its_folder_says_how_to_make_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(dreamllm.PRESETS, "toy", dict(dreamllm.PRESETS["toy"], folder=tmp_path))
+    with pytest.raises(FileNotFoundError, match="python -m weights.train_toy"):
+        dreamllm.build("toy")
+
+
+def test_init_starts_from_another_run_and_keeps_what_it_trained(tmp_path):
+    first, second = tmp_path / "creation", tmp_path / "comprehension"
+    train.main(FAST + ["--steps", "2", "--out", str(first)])
+    train.main(FAST + ["--stage", "I-comprehension", "--steps", "2", "--init", str(first), "--out", str(second)])
+    a, b = state(first), state(second)
+    assert torch.equal(a["dream_queries"], b["dream_queries"])  # not trained here, carried over
+    assert not torch.equal(a["new_tokens.embed_tokens"], b["new_tokens.embed_tokens"])  # trained on
+    assert "visual_projector.weight" in b
+
+
+def test_trains_on_a_manifest_of_documents(tmp_path):
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i in range(3):
+            text, scenes = data.document_example(7, i)
+            for j, scene in enumerate(scenes):
+                data.draw(scene).save(tmp_path / f"{i}_{j}.png")
+            f.write(json.dumps(dict(text=text, images=[f"{i}_{j}.png" for j in range(len(scenes))])) + "\n")
+    train.main(FAST + ["--steps", "2", "--data", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "run")])
+    assert step_of(tmp_path / "run") == (2, 2, 2)
