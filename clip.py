@@ -41,12 +41,21 @@ class TowerConfig:
                    n_channels=d.get("num_channels", 3), vocab_size=d.get("vocab_size", 49408),
                    n_positions=d.get("max_position_embeddings", 77), eos_token_id=d.get("eos_token_id", 49407))
 
+    def to_hf(self, text):  # the CLIP{Text,Vision}Config dict, every field from_hf reads
+        d = dict(hidden_size=self.width, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+                 intermediate_size=self.mlp_width, hidden_act=self.act, layer_norm_eps=self.eps)
+        if text:
+            return dict(d, model_type="clip_text_model", vocab_size=self.vocab_size,
+                        max_position_embeddings=self.n_positions, eos_token_id=self.eos_token_id)
+        return dict(d, model_type="clip_vision_model", image_size=self.image_size, patch_size=self.patch_size,
+                    num_channels=self.n_channels)
+
 
 @dataclass
 class CLIPConfig:
-    vision: TowerConfig = field(default_factory=TowerConfig)
+    vision: TowerConfig | None = field(default_factory=TowerConfig)  # None: a text tower alone (CLIPTextModel)
     text: TowerConfig | None = field(default_factory=lambda: TowerConfig(width=512, n_heads=8, mlp_width=2048))
-    projection_dim: int | None = 512  # None: a bare vision tower (CLIPVisionModel), no visual_projection
+    projection_dim: int | None = 512  # None: a bare tower (CLIPVisionModel, CLIPTextModel), no projection
     logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's initial temperature
 
     @classmethod
@@ -54,6 +63,9 @@ class CLIPConfig:
         if d.get("model_type") == "clip_vision_model":  # a vision-only folder: fields at top level
             proj = any("WithProjection" in a for a in d.get("architectures") or [])
             return cls(TowerConfig.from_hf(d, text=False), None, d.get("projection_dim", 512) if proj else None)
+        if d.get("model_type") == "clip_text_model":  # a text-only folder (SD's text_encoder/): the same
+            proj = any("WithProjection" in a for a in d.get("architectures") or [])
+            return cls(None, TowerConfig.from_hf(d, text=True), d.get("projection_dim", 512) if proj else None)
         # Old configs (openai/clip-vit-large-patch14 among them) also carry `text_config_dict`, which
         # transformers fills with its defaults and lays over `text_config`: so it wins, even when empty.
         sub = {k: d[k + "_dict"] if d.get(k + "_dict") is not None else d.get(k) or {}
@@ -61,6 +73,19 @@ class CLIPConfig:
         return cls(TowerConfig.from_hf(sub["vision_config"], text=False),
                    TowerConfig.from_hf(sub["text_config"], text=True),
                    d.get("projection_dim", 512), d.get("logit_scale_init_value", 2.6592))
+
+    def to_hf(self):  # the config.json to save beside our own weights (a CLIPModel, or a vision-only one)
+        if self.vision is None:
+            arch = "CLIPTextModel" if self.projection_dim is None else "CLIPTextModelWithProjection"
+            return dict(self.text.to_hf(text=True), architectures=[arch],
+                        **({} if self.projection_dim is None else {"projection_dim": self.projection_dim}))
+        if self.text is None:
+            arch = "CLIPVisionModel" if self.projection_dim is None else "CLIPVisionModelWithProjection"
+            return dict(self.vision.to_hf(text=False), architectures=[arch],
+                        **({} if self.projection_dim is None else {"projection_dim": self.projection_dim}))
+        return dict(architectures=["CLIPModel"], model_type="clip", projection_dim=self.projection_dim,
+                    logit_scale_init_value=self.logit_scale_init, text_config=self.text.to_hf(text=True),
+                    vision_config=self.vision.to_hf(text=False))
 
 
 PRESETS = {
@@ -160,7 +185,7 @@ class TextTransformer(nn.Module):
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(c) for _ in range(c.n_layers))})
         self.final_layer_norm = LayerNorm(c.width, eps=c.eps)
 
-    def forward(self, input_ids, attention_mask=None):  # (B, T) -> the pooled EOS state (B, D)
+    def hidden_states(self, input_ids, attention_mask=None):  # (B, T) -> every token's state (B, T, D)
         B, T = input_ids.shape
         e = self.embeddings
         x = e.token_embedding(input_ids) + e.position_embedding.weight[:T]
@@ -171,23 +196,30 @@ class TextTransformer(nn.Module):
             mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         for layer in self.encoder.layers:
             x = layer(x, mask, causal=mask is None)
+        return self.final_layer_norm(x)  # per token, so pooling before or after it is the same
+
+    def forward(self, input_ids, attention_mask=None):  # (B, T) -> the pooled EOS state (B, D)
+        x = self.hidden_states(input_ids, attention_mask)
         # Pool at the end-of-text token. Old configs say eos_token_id = 2 (a placeholder); they meant
         # the EOT token, which has the largest id in CLIP's vocabulary: hence argmax(input_ids).
         pos = input_ids.argmax(-1) if self.eos_token_id == 2 else (input_ids == self.eos_token_id).int().argmax(-1)
-        return self.final_layer_norm(x[torch.arange(B, device=x.device), pos])
+        return x[torch.arange(len(x), device=x.device), pos]
 
 
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = c = config
-        self.vision_model = VisionTransformer(c.vision)
-        if c.projection_dim is not None:
-            self.visual_projection = nn.Linear(c.vision.width, c.projection_dim, bias=False)
+        if c.vision is not None:
+            self.vision_model = VisionTransformer(c.vision)
+            if c.projection_dim is not None:
+                self.visual_projection = nn.Linear(c.vision.width, c.projection_dim, bias=False)
         if c.text is not None:
             self.text_model = TextTransformer(c.text)
-            self.text_projection = nn.Linear(c.text.width, c.projection_dim, bias=False)
-            self.logit_scale = nn.Parameter(torch.tensor(c.logit_scale_init))
+            if c.projection_dim is not None:
+                self.text_projection = nn.Linear(c.text.width, c.projection_dim, bias=False)
+            if c.vision is not None:  # the temperature of image-text similarity: both towers only
+                self.logit_scale = nn.Parameter(torch.tensor(c.logit_scale_init))
         for m in self.modules():  # CLIP-like init: small normal weights, zero biases
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -211,6 +243,10 @@ class CLIP(nn.Module):
     def encode_text(self, input_ids, attention_mask=None):  # (B, T) -> (B, projection_dim)
         return self.text_projection(self.text_model(input_ids, attention_mask))
 
+    def text_hidden_states(self, input_ids, attention_mask=None):  # (B, T) -> (B, T, D)
+        # every token's state after final_layer_norm: the context Stable Diffusion cross-attends to
+        return self.text_model.hidden_states(input_ids, attention_mask)
+
     def forward(self, pixel_values, input_ids, attention_mask=None):  # zero-shot logits (B_img, B_txt)
         img = F.normalize(self.encode_image(pixel_values), dim=-1)
         txt = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
@@ -231,6 +267,9 @@ def load(path, device="cpu", dtype=torch.float32) -> CLIP:
     state = read_state_dict(files, dtype=dtype, device=device)
     if config.text is None:  # transformers 5 saves a CLIPVisionModel without the `vision_model.` prefix
         state = {k if k.startswith(("vision_model.", "visual_projection.")) else "vision_model." + k: v
+                 for k, v in state.items()}
+    if config.vision is None:  # ... and a CLIPTextModel without `text_model.`
+        state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
                  for k, v in state.items()}
     with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
         model = CLIP(config)

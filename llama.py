@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from checkpoint import CheckpointError, assign, read_config, read_state_dict, weight_files
 
@@ -58,6 +59,14 @@ class LlamaConfig:
                    max_seq_len=d.get("max_position_embeddings", 2048),
                    tie_embeddings=d.get("tie_word_embeddings", False), head_dim=d.get("head_dim") or 0,
                    attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
+
+    def to_hf(self):  # the config.json of a LlamaForCausalLM with these weights
+        return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                    hidden_size=self.dim, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+                    num_key_value_heads=self.n_kv_heads, vocab_size=self.vocab_size,
+                    intermediate_size=self.hidden_dim, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                    max_position_embeddings=self.max_seq_len, tie_word_embeddings=self.tie_embeddings,
+                    head_dim=self.head_dim, attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
 
 
 # The official config.json values. LLaMA-1 (and Vicuna v1.1 fine-tuned from it) used eps 1e-6 and
@@ -116,6 +125,31 @@ class KVCache:
             k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
         return k, v
+
+
+class StaticKVCache:
+    # The same, preallocated: (B, n_kv_heads, max_len, head_dim) per layer (allocated at the first
+    # write, in the keys' dtype), new tokens written in place. No copy of the past per token, and
+    # attention always reads all max_len slots (the unwritten ones are in the future, so the causal
+    # mask hides them): fixed shapes, what torch.compile and CUDA graphs want.
+    def __init__(self, n_layers, max_len):
+        self.k, self.v, self.max_len, self.length = [None] * n_layers, [None] * n_layers, max_len, 0
+
+    def __len__(self):
+        return self.length
+
+    def update(self, layer, k, v):
+        B, H, T, D = k.shape
+        if self.length + T > self.max_len:
+            raise ValueError(f"static KV cache full: {self.length} + {T} tokens > max_len {self.max_len}")
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = (k.new_zeros(B, H, self.max_len, D) for _ in range(2))
+        slots = torch.arange(self.length, self.length + T, device=k.device)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        if layer == len(self.k) - 1:  # the last layer has written: these T tokens are cached
+            self.length += T
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -177,6 +211,9 @@ class Llama(nn.Module):
         self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.model.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # activation checkpointing: keep only each block's input, recompute its insides in backward
+        # (about 1/3 more compute for a fraction of the activation memory); off for inference
+        self.gradient_checkpointing = False
         # LLaMA's init: every matrix N(0, 0.02), biases 0, norms 1 (a no-op on the meta device)
         for name, p in self.named_parameters():
             if name.endswith("bias"):
@@ -189,8 +226,8 @@ class Llama(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self):
-        return KVCache(self.cfg.n_layers)
+    def new_cache(self, max_len=None):  # max_len given: a StaticKVCache of that many tokens
+        return KVCache(self.cfg.n_layers) if max_len is None else StaticKVCache(self.cfg.n_layers, max_len)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
         # The final hidden states, after model.norm: (B, T, dim). DreamLLM reads these at the dream
@@ -201,6 +238,8 @@ class Llama(nn.Module):
         B, T, _ = x.shape
         past = len(cache) if cache is not None else 0
         S = past + T
+        static = isinstance(cache, StaticKVCache)
+        n_keys = cache.max_len if static else S  # a static cache's keys: all its slots, written or not
         if attention_mask is None:
             positions = torch.arange(past, S, device=x.device).expand(B, T)
         else:
@@ -209,17 +248,21 @@ class Llama(nn.Module):
             # A left-padded row's first real token is position 0, as if it ran alone (as HF generate does).
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         mask = None  # no padding, nothing cached: SDPA's built-in causal mask
-        if attention_mask is not None or past > 0:
+        if attention_mask is not None or past > 0 or static:
             q_pos = torch.arange(past, S, device=x.device)[:, None]   # (T, 1)
-            k_pos = torch.arange(S, device=x.device)[None, :]         # (1, S)
-            mask = (k_pos <= q_pos).expand(B, 1, T, S)                # causal: (B, 1, T, S), True = attend
+            k_pos = torch.arange(n_keys, device=x.device)[None, :]    # (1, S)
+            mask = (k_pos <= q_pos).expand(B, 1, T, n_keys)           # causal: (B, 1, T, S), True = attend
             if attention_mask is not None:
                 # never attend to padding, but let each token see itself, so that a padding query
                 # keeps one key (an all-masked softmax row is NaN); its output is never read
-                mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+                keep = F.pad(attention_mask.bool(), (0, n_keys - S))  # slots not yet written: future anyway
+                mask = (mask & keep[:, None, None, :]) | (k_pos == q_pos)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         return self.model.norm(x)
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
@@ -227,16 +270,17 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, max_new_tokens=32, attention_mask=None, inputs_embeds=None,
-                 temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+                 temperature=0.0, top_p=1.0, eos_id=None, generator=None, static_cache=False):
         # Returns only the new tokens, (B, <= max_new_tokens). temperature 0 = greedy. Rows that have
-        # written eos_id keep writing it; generation stops when every row has.
+        # written eos_id keep writing it; generation stops when every row has. static_cache: a
+        # StaticKVCache of T + max_new_tokens slots (the same tokens; for torch.compile / the GPU).
         prompt = input_ids if input_ids is not None else inputs_embeds
         B, T = prompt.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=prompt.device)
         if max_new_tokens <= 0:
             return prompt.new_zeros(B, 0, dtype=torch.long)
-        cache, out = self.new_cache(), []
+        cache, out = self.new_cache(T + max_new_tokens if static_cache else None), []
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         logits = self(input_ids, inputs_embeds, attention_mask, cache)[:, -1]  # prefill: (B, vocab)
         for _ in range(max_new_tokens):

@@ -1,0 +1,449 @@
+"""Trains the toy backbones of the shapes world, the small stand-ins for DreamLLM's pretrained parts.
+
+    python -m weights.train_toy                      # all five parts into weights/toy/ (~35 min, 2-core CPU)
+    python -m weights.train_toy --only clip unet     # some parts; the others are read from --out
+
+The same structure as the real world, small: a BPE tokenizer; a LLaMA pretrained on shapes-world
+text (Vicuna's stand-in); a CLIP trained contrastively on (caption, image) pairs (ViT-L/14's); an SD
+VAE (4x, not 8x: 64x64x3 -> 16x16x4); and an SD-2.x-style UNet trained with the epsilon loss on
+those latents, conditioned on the toy CLIP text tower's token states exactly as SD is on its 77
+tokens. The backbones see the whole world (split="all"), as SD has seen everything; only the
+DreamLLM trained on top of them holds out data.HELD_OUT. Every part is saved in the official layout
+(HF / diffusers folders, tokenizer.json) that llama.load, clip.load, unet.load_* already read.
+Each part is a pure function of --seed; a part that needs another (the UNet needs the CLIP and the
+VAE) reads it from --out.
+"""
+import argparse
+import json
+import math
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+import clip
+import data
+import llama
+import unet
+
+PARTS = ("tokenizer", "llm", "clip", "vae", "unet")
+SPECIALS = ["<s>", "</s>", "<pad>", data.IMAGE_TOKEN]  # ids 0-3
+VOCAB = 512  # asked of the BPE; it stops sooner (~450) once every word of the world is one token
+TEXT_LEN = 32  # the CLIP text tower's positions; captions are padded to it (SD 1.x: 77)
+
+# The models. Sizes were picked by measuring steps on a shared 2-core CPU (see the README's table).
+LLM = llama.LlamaConfig(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=512,
+                        norm_eps=1e-5, max_seq_len=256)
+CLIP = clip.CLIPConfig(
+    vision=clip.TowerConfig(width=128, n_layers=4, n_heads=4, mlp_width=512, image_size=64, patch_size=8),
+    text=clip.TowerConfig(width=128, n_layers=4, n_heads=4, mlp_width=512, vocab_size=VOCAB,
+                          n_positions=TEXT_LEN, eos_token_id=SPECIALS.index("</s>")),
+    projection_dim=128)
+VAE = unet.VAEConfig(channels=(16, 32, 64), layers_per_block=1, norm_groups=8, sample_size=64)
+# SD 2.x's kind (linear proj_in/out), 3 levels on 16x16 latents; cross-attention only at 8x8 and 4x4
+# (at 16x16 it doubles the cost for little: colour and shape are decided at the coarse levels)
+UNET = unet.UNetConfig(channels=(32, 64, 128), cross_attn=(False, True, True), layers_per_block=1,
+                       n_heads=(1, 2, 4), context_dim=CLIP.text.width, linear_proj=True, norm_groups=8,
+                       sample_size=16)
+SCHEDULER = dict(unet.PRESETS["sd-2.1-base"]["scheduler"])  # scaled_linear 0.00085..0.012, eps, offset 1
+
+# How each part trains: steps, batch, peak learning rate (AdamW, linear warmup, cosine to a tenth).
+RECIPES = dict(
+    llm=dict(steps=300, batch=64, lr=2e-3, warmup=30),
+    clip=dict(steps=600, batch=128, lr=1e-3, warmup=40),
+    vae=dict(steps=500, batch=16, lr=1e-3, warmup=25, kl_weight=1e-5),
+    unet=dict(steps=2000, batch=64, lr=5e-4, warmup=100, cond_dropout=0.1, ema=0.995, pool=16000),
+)
+# guidance 2 measured best for this UNet (colour 93% vs 80% at 4: strong guidance hollows out the blue
+# shapes); 50 DDIM steps give the same figures as 30
+EVAL = dict(cfg=2.0, ddim_steps=30, per_prompt=8)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def autocast(device):  # bf16 on CUDA, fp32 elsewhere (DESIGN: Devices)
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def fit(desc, params, recipe, loss_fn, scale=1.0):
+    """AdamW with linear warmup then cosine decay to a tenth; loss_fn(step) -> scalar loss.
+    Returns the loss, smoothed over the last ~50 steps."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms, biases, scalars
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.05),
+                             dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)],
+                            lr=recipe["lr"], betas=(0.9, 0.98))
+    steps = max(1, round(recipe["steps"] * scale))
+    warmup = max(1, round(recipe["warmup"] * scale))
+    lr_at = lambda i: recipe["lr"] * (min(1.0, (i + 1) / warmup) *
+                                      (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, i / steps)))))
+    smooth = None
+    with tqdm(range(steps), desc=desc, unit="step") as bar:
+        for i in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(i)
+            loss = loss_fn(i)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{smooth:.4f}")
+    return smooth
+
+
+def save_weights(model, path, dtype=torch.float32):
+    # contiguous tensors, each stored once (safetensors refuses shared storage), as save_pretrained writes
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:  # a tied weight (none in our models' configs, but cheap to honour)
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def write_json(d, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def to_pixels(images):  # uint8 (B, 3, H, W) -> float in [-1, 1], what the VAE reads
+    return images.float() / 127.5 - 1
+
+
+def to_clip(images):  # uint8 (B, 3, 64, 64) -> CLIP's normalisation (= clip.preprocess at size 64)
+    mean, std = torch.tensor(clip.MEAN).view(3, 1, 1), torch.tensor(clip.STD).view(3, 1, 1)
+    return (images.float() / 255 - mean.to(images.device)) / std.to(images.device)
+
+
+def to_uint8(images):  # PIL images -> uint8 (B, 3, H, W)
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+
+
+class Pool:
+    """A fixed pool of scenes from the caption stream, drawn once, shared by CLIP, VAE and UNet. A
+    scene's caption is redrawn (full / no size / no position / short) every time it is used."""
+    def __init__(self, seed, n):
+        self.seed, self.scenes = seed, [data.caption_example(seed, i, "all")[1] for i in range(n)]
+        self.images = to_uint8([data.draw(s) for s in tqdm(self.scenes, desc="draw pool", unit="img")])
+
+    def captions(self, idx, step):
+        return [data.caption(self.scenes[i], random.Random(f"{self.seed}/{step}/{i}")) for i in idx]
+
+
+def encode_text(tok, texts, length=TEXT_LEN, device="cpu"):
+    # CLIP-style: <s> text </s>, right-padded with <pad> to a fixed length (no attention mask needed:
+    # the text tower is causal, so no real token sees the padding)
+    bos, eos, pad = (tok.token_to_id(s) for s in SPECIALS[:3])
+    rows = [[bos] + tok.encode(t, add_special_tokens=False).ids[:length - 2] + [eos] for t in texts]
+    return torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
+
+
+def single_shape_scenes(seed, n):  # held-apart fresh scenes of one shape, for evaluation
+    return [data.random_scene(random.Random(f"{seed}/eval/{i}"), "all", n_shapes=1) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------- the parts
+
+def train_tokenizer(args, out):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # bytes: any text encodes
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    # <image> is a special token: it never takes part in merges, so it is cut out of the training text
+    lines = [re.sub(" +", " ", line.replace(data.IMAGE_TOKEN, "")) for line in data.text_corpus(args.seed, 20000, "all")]
+    tok.train_from_iterator(lines, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    lengths = [len(tok.encode(t).ids) for t in lines[:3000]]
+    return f"vocab {tok.get_vocab_size()}, {np.mean(lengths):.1f} tokens per line (max {max(lengths)})"
+
+
+def train_llm(args, out, device):
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    bos, eos, pad = (tok.token_to_id(s) for s in SPECIALS[:3])
+    r = RECIPES["llm"]
+    torch.manual_seed(args.seed)
+    cfg = replace(LLM, vocab_size=tok.get_vocab_size())  # no unused rows
+    model = llama.build(cfg).to(device).train()
+
+    def batch(lines):  # <s> line </s>, right-padded; the loss skips padding
+        rows = [[bos] + e.ids + [eos] for e in tok.encode_batch(lines, add_special_tokens=False)]
+        T = max(map(len, rows))
+        ids = torch.tensor([x + [pad] * (T - len(x)) for x in rows], device=device)
+        labels = ids.masked_fill(ids == pad, -100)
+        return ids, labels
+
+    def loss_of(ids, labels):
+        with autocast(device):
+            logits = model(ids[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+    n = max(1, round(r["steps"] * args.scale)) * r["batch"]
+    corpus = data.text_corpus(args.seed, n, "all")
+    order = random.Random(args.seed).sample(range(n), n)  # captions, documents and Q&A mixed in every batch
+    loss = fit("llm", model.parameters(), r,
+               lambda i: loss_of(*batch([corpus[j] for j in order[i * r["batch"]:(i + 1) * r["batch"]]])), args.scale)
+    model.eval()
+    with torch.no_grad():  # lines the model never saw (another seed)
+        val = loss_of(*batch(data.text_corpus(args.seed + 1, 300, "all"))).item()
+        prompt = torch.tensor([[bos] + tok.encode("Here is a", add_special_tokens=False).ids], device=device)
+        said = tok.decode(model.generate(prompt, max_new_tokens=24, eos_id=eos)[0].tolist())
+    save_weights(model, out / "llm" / "model.safetensors")
+    write_json(dict(cfg.to_hf(), bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, torch_dtype="float32"),
+               out / "llm" / "config.json")
+    return (f"{count(model)} params, train loss {loss:.3f}, held-out loss {val:.3f} "
+            f"(log vocab = {math.log(cfg.vocab_size):.2f}); greedy 'Here is a' -> {said!r}")
+
+
+def count(model):
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+
+
+def zero_shot(model, tok, seed, device, n=360):
+    # every single-shape image against the 18 prompts "a {colour} {shape}": the best prompt's colour and shape
+    prompts = [(c, s) for c in data.COLORS for s in data.SHAPES]
+    scenes = single_shape_scenes(seed, n)
+    with torch.no_grad(), autocast(device):
+        txt = F.normalize(model.encode_text(encode_text(tok, [f"a {c} {s}" for c, s in prompts], device=device)), dim=-1)
+        img = F.normalize(model.encode_image(to_clip(to_uint8([data.draw(s) for s in scenes]).to(device))), dim=-1)
+    best = [prompts[j] for j in (img.float() @ txt.float().T).argmax(-1).tolist()]
+    truth = [(sc.shapes[0].color, sc.shapes[0].shape) for sc in scenes]
+    return (np.mean([b[0] == t[0] for b, t in zip(best, truth)]), np.mean([b[1] == t[1] for b, t in zip(best, truth)]),
+            np.mean([b == t for b, t in zip(best, truth)]))
+
+
+def train_clip(args, out, device, pool):
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    r = RECIPES["clip"]
+    torch.manual_seed(args.seed)
+    cfg = replace(CLIP, text=replace(CLIP.text, vocab_size=tok.get_vocab_size()))
+    model = clip.build(cfg).to(device).train()
+    g = torch.Generator().manual_seed(args.seed)
+
+    def loss_fn(i):
+        idx = torch.randint(len(pool.scenes), (r["batch"],), generator=g).tolist()
+        ids = encode_text(tok, pool.captions(idx, i), device=device)
+        with autocast(device):
+            logits = model(to_clip(pool.images[idx].to(device)), ids).float()  # (B, B), matches on the diagonal
+        # symmetric InfoNCE; two rows may share a caption ("a red circle"), a small, harmless noise
+        target = torch.arange(len(idx), device=device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def clamp(i):  # CLIP caps the learned temperature at 100
+        loss = loss_fn(i)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss
+
+    loss = fit("clip", model.parameters(), r, clamp, args.scale)
+    model.eval()
+    color, shape, both = zero_shot(model, tok, args.seed + 1, device)
+    save_weights(model, out / "clip" / "model.safetensors")
+    write_json(dict(cfg.to_hf(), torch_dtype="float32"), out / "clip" / "config.json")
+    return (f"{count(model)} params, loss {loss:.3f}, logit scale {model.logit_scale.exp().item():.1f}; zero-shot "
+            f"on 360 single shapes over 18 prompts: colour {color:.1%}, shape {shape:.1%}, both {both:.1%}")
+
+
+def psnr(x, y):  # images in [-1, 1]
+    mse = ((x.clamp(-1, 1) - y) ** 2).flatten(1).mean(1) / 4  # in [0, 1] units
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def train_vae(args, out, device, pool):
+    r = RECIPES["vae"]
+    torch.manual_seed(args.seed)
+    model = unet.build_vae(replace(VAE)).to(device).train()  # a copy: scaling_factor is set below
+    g = torch.Generator().manual_seed(args.seed)
+
+    def loss_fn(i):
+        x = to_pixels(pool.images[torch.randint(len(pool.scenes), (r["batch"],), generator=g)].to(device))
+        with autocast(device):
+            mean, logvar = model.encode(x)
+            z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)  # a draw from the posterior
+            rec = model.decode(z).float()
+        mean, logvar = mean.float(), logvar.float()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()  # to N(0, I), per latent element
+        # L1 keeps the flat colours crisp, MSE the edges; the small KL keeps the latents near a Gaussian
+        return (rec - x).abs().mean() + ((rec - x) ** 2).mean() + r["kl_weight"] * kl
+
+    loss = fit("vae", model.parameters(), r, loss_fn, args.scale)
+    model.eval()
+    with torch.no_grad():  # scaling_factor = 1 / std of the latents, measured as SD did
+        x = to_pixels(pool.images[:1024].to(device))
+        mean, logvar = torch.cat([torch.cat(model.encode(b), 1) for b in x.split(128)]).chunk(2, 1)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(device)
+        model.config.scaling_factor = model.scaling_factor = float(1 / z.std())
+        scenes = single_shape_scenes(args.seed + 1, 200)
+        x = to_pixels(to_uint8([data.draw(s) for s in scenes]).to(device))
+        rec = model.decode(model.encode(x)[0])
+    ok = [data.analyse(im) == (s.shapes[0].color, s.shapes[0].shape) for im, s in zip(to_images(rec), scenes)]
+    save_weights(model, out / "vae" / "diffusion_pytorch_model.safetensors")
+    write_json(model.config.to_diffusers(), out / "vae" / "config.json")
+    return (f"{count(model)} params, loss {loss:.4f}, latents std {z.std().item():.3f} -> scaling_factor "
+            f"{model.scaling_factor:.4f}; on 200 fresh single shapes: PSNR {psnr(rec, x):.1f} dB, "
+            f"analyse agrees {np.mean(ok):.1%}")
+
+
+def to_images(x):  # (B, 3, H, W) in [-1, 1] -> PIL images
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+def train_unet(args, out, device, pool):
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    text_encoder = clip.load(out / "clip", device=device)  # frozen, as SD's
+    vae = unet.load_vae(out / "vae", device=device)
+    r = RECIPES["unet"]
+    # latents of the pool, once: the posterior's mean and std; each step draws z from it, as SD does
+    t0 = time.time()
+    with torch.no_grad(), autocast(device):
+        moments = torch.cat([torch.cat(vae.encode(to_pixels(b.to(device))), 1).float().cpu()
+                             for b in tqdm(pool.images.split(256), desc="encode latents", unit="batch")])
+    mean, std = moments[:, :4], (0.5 * moments[:, 4:]).exp()
+    print(f"  latents of {len(mean)} images in {time.time() - t0:.0f}s")
+
+    @torch.no_grad()
+    def context(texts):  # (B, TEXT_LEN, width): every token's state after final_layer_norm
+        with autocast(device):
+            return text_encoder.text_hidden_states(encode_text(tok, texts, device=device)).float()
+
+    torch.manual_seed(args.seed)
+    model = unet.build_unet(UNET).to(device).train()
+    ema = unet.build_unet(UNET).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    ddpm = unet.DDPM(SCHEDULER)
+    g = torch.Generator().manual_seed(args.seed)
+
+    def loss_fn(i):
+        if i > 0:  # the EMA follows the weights of the last step
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - r["ema"])
+        idx = torch.randint(len(mean), (r["batch"],), generator=g)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * vae.scaling_factor
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(ddpm.num_train_timesteps, (len(idx),), generator=g)
+        zt = ddpm.add_noise(z0, noise, t)
+        drop = torch.rand(len(idx), generator=g) < r["cond_dropout"]  # the empty caption: trains CFG
+        texts = ["" if d else c for d, c in zip(drop.tolist(), pool.captions(idx.tolist(), i))]
+        with autocast(device):
+            pred = model(zt.to(device), t.to(device), context(texts))
+        return F.mse_loss(pred.float(), noise.to(device))  # epsilon loss, LDM eq. 2
+
+    loss = fit("unet", model.parameters(), r, loss_fn, args.scale)
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - r["ema"])
+    save_weights(ema, out / "unet" / "diffusion_pytorch_model.safetensors", dtype=torch.float16)
+    write_json(UNET.to_diffusers(), out / "unet" / "config.json")
+    write_json(SCHEDULER, out / "scheduler" / "scheduler_config.json")
+    report = evaluate_t2i(ema, vae, context, args.seed, device, out / "samples.png")
+    return f"{count(model)} params, loss {loss:.4f} (saved: the EMA, fp16); {report}"
+
+
+@torch.no_grad()
+def generate(model, vae, context, prompts, seed, device, cfg=EVAL["cfg"], steps=EVAL["ddim_steps"]):
+    ddim = unet.DDIM(SCHEDULER)
+    ddim.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    c = context(prompts)
+    ctx = torch.cat([c, context([""]).expand_as(c)])  # conditional, then the empty caption
+    z = torch.randn((len(prompts), UNET.in_channels, UNET.sample_size, UNET.sample_size), generator=g).to(device)
+    for t in ddim.timesteps:
+        with autocast(device):
+            eps_c, eps_u = model(torch.cat([z, z]), t, ctx).float().chunk(2)
+        z = ddim.step(eps_u + cfg * (eps_c - eps_u), t, z)  # classifier-free guidance
+    with autocast(device):
+        return to_images(vae.decode(z / vae.scaling_factor))
+
+
+def evaluate_t2i(model, vae, context, seed, device, grid_path):
+    # "a red circle" for every colour x shape; judged by data.analyse, as sample.py --eval judges DreamLLM
+    combos = [(c, s) for c in data.COLORS for s in data.SHAPES]
+    n = EVAL["per_prompt"]
+    prompts = [f"a {c} {s}" for c, s in combos for _ in range(n)]
+    images = []
+    for b in tqdm(range(0, len(prompts), 48), desc="eval t2i", unit="batch"):
+        images += generate(model, vae, context, prompts[b:b + 48], seed + b, device)
+    seen = [data.analyse(im) for im in images]
+    truth = [cs for cs in combos for _ in range(n)]
+    color = np.mean([a[0] == t[0] for a, t in zip(seen, truth)])
+    shape = np.mean([a[1] == t[1] for a, t in zip(seen, truth)])
+    held = [i for i, t in enumerate(truth) if t in data.HELD_OUT]
+    held_both = np.mean([seen[i] == truth[i] for i in held])
+    save_grid(images, combos, n, grid_path)
+    return (f"text-to-image, DDIM {EVAL['ddim_steps']} steps, CFG {EVAL['cfg']}, {n} per prompt x 18: colour "
+            f"{color:.1%}, shape {shape:.1%} (HELD_OUT combos, both right: {held_both:.1%}); grid {grid_path}")
+
+
+def save_grid(images, combos, n, path, label=100):
+    size = data.IMAGE_SIZE + 2
+    grid = Image.new("RGB", (label + n * size, len(combos) * size), "white")
+    pen = ImageDraw.Draw(grid)
+    for row, (c, s) in enumerate(combos):
+        pen.text((4, row * size + size // 2 - 6), f"a {c} {s}", fill="black")
+        for j in range(n):
+            grid.paste(images[row * n + j], (label + j * size + 1, row * size + 1))
+    grid.save(path, optimize=True)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=PARTS, help="train only these parts (default: all)")
+    ap.add_argument("--out", type=Path, default=Path("weights/toy"), help="output folder (default: weights/toy)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU threads (default 2; use 1 when other jobs share the cores: oversubscribed "
+                         "OpenMP threads slow small models down many times)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count and the pool size (e.g. 0.02: a smoke test)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pool, timings, start = None, {}, time.time()
+    print(f"training {', '.join(p for p in PARTS if p in args.only)} on {device} into {args.out}")
+    for part in PARTS:
+        if part not in args.only:
+            continue
+        t0 = time.time()
+        if part in ("clip", "vae", "unet") and pool is None:
+            pool = Pool(args.seed, max(256, round(RECIPES["unet"]["pool"] * args.scale)))
+        if part == "tokenizer":
+            report = train_tokenizer(args, args.out)
+        elif part == "llm":
+            report = train_llm(args, args.out, device)
+        else:
+            report = globals()[f"train_{part}"](args, args.out, device, pool)
+        timings[part] = time.time() - t0
+        print(f"[{part}] {timings[part] / 60:.1f} min: {report}", flush=True)
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"done in {(time.time() - start) / 60:.1f} min; {args.out} holds {size / 2**20:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
