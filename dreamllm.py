@@ -63,8 +63,24 @@ class DreamConfig:
     image_size: int = 512               # pixels of the images the VAE encodes and decodes (SD 2.1-base: 512)
 
 
+@dataclass
+class PromptFormat:
+    # How a model's prompts are written: by default the toy world's plain documents, no template;
+    # official.VICUNA_V1_1 is the released DreamLLM-7B's (a chat in which a given image is read, not dreamt).
+    system: str | None = None           # a chat: "{system} USER: {message} ASSISTANT:"; None: the message alone
+    document_system: str | None = None  # the system prompt when a document is asked for (None: `system`)
+    question: str = "<image> {question}"  # answer(): the user's message, the image's place in it
+    read_only_images: bool = False      # a given <image> is a read slot only (else dream slot + read slot)
+    caption_sep: str = " "              # text_to_image(): between the prompt and the dream slot
+
+    def chat(self, message, document=False):
+        system = (self.document_system or self.system) if document else self.system
+        return message if system is None else f"{system} USER: {message} ASSISTANT:"
+
+
 class DreamLLM(nn.Module):
-    def __init__(self, llm, clip, unet, vae, scheduler_config: dict, tokenizer, config: DreamConfig):
+    def __init__(self, llm, clip, unet, vae, scheduler_config: dict, tokenizer, config: DreamConfig,
+                 prompts: PromptFormat | None = None):
         super().__init__()
         if config.target not in ("epsilon", "v", "x0"):
             raise ValueError(f"DreamConfig.target {config.target!r}: must be 'epsilon', 'v' or 'x0'")
@@ -72,11 +88,13 @@ class DreamLLM(nn.Module):
         for frozen in (clip, unet, vae):  # never trained: CLIP is the eye, SD's score the teacher
             frozen.requires_grad_(False)
         self.config, self.scheduler_config, self.tokenizer = config, dict(scheduler_config), tokenizer
+        self.prompts = prompts or PromptFormat()
         self.noise_scheduler = DDPM(scheduler_config)  # the forward process q(z_t | z_0) of training
         # rows >= n_text_vocab are the tokens DreamLLM adds (and, for a tokenizer bigger than its LLM,
-        # the ones the LLM never saw): a frozen LLM's stage still trains them ("new_tokens", as LLaVA)
+        # the ones the LLM never saw): a frozen LLM's stage still trains them ("new_tokens", as LLaVA).
+        # Tokens added to the tokenizer's model (the official release's 8, from 32000 on) are new too.
         self.n_text_vocab = min(llm.model.embed_tokens.weight.shape[0],
-                                tokenizer.get_vocab_size(with_added_tokens=True))
+                                tokenizer.get_vocab_size(with_added_tokens=False))
         tokenizer.add_special_tokens(SPECIAL_TOKENS)   # a no-op for tokens it already has
         self.token_id = {s: tokenizer.token_to_id(s) for s in SPECIAL_TOKENS}
         self.bos_id, self.eos_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
@@ -111,13 +129,14 @@ class DreamLLM(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # Documents -> token ids
 
-    def _image_slots(self):
+    def _image_slots(self, read_only=False):
         t, K, N = self.token_id, self.config.n_queries, self.n_patches
-        dream = [t["<dream_start>"]] + [t["<im_patch>"]] * K + [t["<dream_end>"]]
-        return dream + [t["<im_start>"]] + [t["<im_patch>"]] * N + [t["<im_end>"]]
+        read = [t["<im_start>"]] + [t["<im_patch>"]] * N + [t["<im_end>"]]
+        return read if read_only else [t["<dream_start>"]] + [t["<im_patch>"]] * K + [t["<dream_end>"]] + read
 
-    def encode_document(self, text, n_images):
+    def encode_document(self, text, n_images, read_only=False):
         # -> input_ids (T,), labels (T,): BOS, the text with each <image> expanded to its two slots, EOS
+        # (read_only: to its read slot alone, as the official chat data lays out an image the user gives)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         image = self.token_id["<image>"]
         if ids.count(image) != n_images:
@@ -125,10 +144,10 @@ class DreamLLM(nn.Module):
         input_ids, labels = [self.bos_id], [-100]  # nothing predicts BOS
         for i in ids:
             if i == image:
-                slots = self._image_slots()
+                slots = self._image_slots(read_only)
                 # only <dream_start> is learned: where an image goes; what fills the slots is not text
                 input_ids += slots
-                labels += [slots[0]] + [-100] * (len(slots) - 1)
+                labels += ([-100] if read_only else [slots[0]]) + [-100] * (len(slots) - 1)
             else:
                 input_ids.append(i)
                 labels.append(i)
@@ -218,17 +237,21 @@ class DreamLLM(nn.Module):
 
     def diffusion_loss(self, context, pixels, generator=None):
         # SD's denoising loss with the LLM's condition, context (n, K, C), pixels (n, 3, S, S) in [-1, 1].
-        # Random draws, in this order, from `generator`: dropout, posterior sample, noise, timesteps.
+        # Random draws, in this order, from `generator`: dropout, posterior sample, noise, timesteps. Or
+        # `generator` is a list of one per image, each drawing its image's four: then an image's draws do
+        # not depend on the batch it is in (data-parallel training splits a batch across processes).
         cfg, sched, n = self.config, self.noise_scheduler, len(context)
-        gdev = generator.device if generator is not None else "cpu"  # draws on the generator's device
-        drop = torch.rand(n, generator=generator, device=gdev) < cfg.cond_dropout  # (n,)
         with torch.no_grad():  # the VAE is frozen; a sample of the posterior, as SD was trained
             mean, logvar = self.vae.encode(pixels.to(self.vae.quant_conv.weight.dtype))
             mean, std = mean.float(), (0.5 * logvar.float()).exp()
-            z0 = self.vae.scaling_factor * (mean + std * _randn(mean, generator))  # (n, 4, h, w)
-        eps = _randn(z0, generator)
-        t = torch.randint(0, sched.num_train_timesteps, (n,), generator=generator, device=gdev).to(self.device)
-        if drop.any():  # classifier-free guidance needs the unconditional score too
+        per_image = isinstance(generator, (list, tuple))
+        assert not per_image or len(generator) == n, "one generator per image"
+        draws = [self._draws(g, 1, mean.shape[1:]) for g in generator] if per_image else \
+            [self._draws(generator, n, mean.shape[1:])]
+        drop, post, eps, t = (torch.cat(d).to(self.device) for d in zip(*draws))
+        z0 = self.vae.scaling_factor * (mean + std * post)  # a sample of the posterior: (n, 4, h, w)
+        if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when nothing was
+            # dropped, so that every process of an FSDP run runs the LLM as often (and calls its collectives)
             context = torch.where(drop[:, None, None].to(self.device), self.null_condition().to(context.dtype), context)
         z_t = sched.add_noise(z0, eps, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
         dtype = self.unet.conv_in.weight.dtype
@@ -253,6 +276,13 @@ class DreamLLM(nn.Module):
                 clipped = snr.clamp(max=cfg.min_snr_gamma)
                 mse = mse * {"epsilon": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[cfg.target]
             return mse.mean()
+
+    def _draws(self, generator, n, latent_shape):  # n dropouts, posterior samples, noises, timesteps: in this order
+        gdev = generator.device if generator is not None else "cpu"  # on the generator's device
+        drop = torch.rand(n, generator=generator, device=gdev) < self.config.cond_dropout
+        post, eps = (torch.randn(n, *latent_shape, generator=generator, device=gdev) for _ in range(2))
+        t = torch.randint(0, self.noise_scheduler.num_train_timesteps, (n,), generator=generator, device=gdev)
+        return drop, post, eps, t
 
     def null_condition(self):
         # The CFG null, (1, K, C): the dream queries after an empty prompt, BOS <dream_start>. (<dream_end>
@@ -327,14 +357,15 @@ class DreamLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5, steps=50,
-                 sampler="ddim", generator=None, force_image=False, max_images=4, progress=True):
+                 sampler="ddim", generator=None, force_image=False, max_images=4, progress=True, read_only=False):
         # Continues `text` into a document: a list of str and PIL images. Given images (one per <image>
         # in the text) are laid out exactly as in training, dream slot + read slot, the only way the
         # model has seen images; the queries' outputs are simply not used. `max_new_tokens` counts the
-        # sampled tokens (<dream_start> included), not the slots.
+        # sampled tokens (<dream_start> included), not the slots. read_only: the given images get a read
+        # slot only (the official chat format).
         t, K, N, llm = self.token_id, self.config.n_queries, self.n_patches, self.llm
         images = list(images)
-        ids = self.encode_document(text, len(images))[0][:-1].to(self.device)  # BOS + prompt, no EOS
+        ids = self.encode_document(text, len(images), read_only)[0][:-1].to(self.device)  # BOS + prompt, no EOS
         cache = llm.new_cache()
         h = llm.hidden_states(inputs_embeds=self.embed(ids[None], self.clip_pixels(images)), cache=cache)[:, -1]
         # tokens never learned as labels (BOS, slot internals) are never written
@@ -375,16 +406,20 @@ class DreamLLM(nn.Module):
     @torch.no_grad()
     def text_to_image(self, prompt, num_images=1, **sampling):
         # BOS + prompt + " " + a forced dream slot; one condition, num_images noises (batched)
-        # (the space: training documents read "caption <image>", and the tokenizer splits at <image>)
+        # (the space: training documents read "caption <image>", and the tokenizer splits at <image>;
+        # the official model's captions were followed by the dream slot directly: its caption_sep is "")
         t, K = self.token_id, self.config.n_queries
-        text = prompt.rstrip() + " " if prompt.strip() else ""
+        text = prompt.rstrip() + self.prompts.caption_sep if prompt.strip() else ""
         ids = self.encode_document(text, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
         h = self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
         return self.sample_images(self.condition_projector(h).expand(num_images, -1, -1), **sampling)
 
     def answer(self, image, question, **generate_kw):
-        # image -> text: the document "<image> question" continued (data.py's Q&A form), no images written
-        segments = self.generate("<image> " + question, [image], max_images=0, **generate_kw)
+        # image -> text: the document "<image> question" continued (data.py's Q&A form), no images written;
+        # or, with a chat format, the question asked in it
+        p = self.prompts
+        text = p.chat(p.question.format(question=question))
+        segments = self.generate(text, [image], max_images=0, read_only=p.read_only_images, **generate_kw)
         return "".join(segments).strip()
 
 
@@ -408,7 +443,10 @@ PRESETS = {
     # a 4-layer LLaMA (dim 192), a 64 px CLIP (64 patches), a 4x VAE and a UNet with 128-wide context
     "toy": dict(folder=Path(__file__).resolve().parent / "weights" / "toy",
                 config=DreamConfig(n_queries=8, image_size=64)),
-    # Next: "dreamllm-7b" (Vicuna-7B + CLIP ViT-L/14 + SD 2.1-base with the official DreamLLM weights).
+    # the released DreamLLM-7B (Vicuna-7B + CLIP ViT-L/14 + SD 2.1-base), as weights/download.py writes
+    # it (python -m weights.download dreamllm-7b-chat); official.py reads its files
+    "dreamllm-7b": dict(official=Path(__file__).resolve().parent / "weights" / "dreamllm-7b-chat"),
+    "dreamllm-7b-aesthetic": dict(official=Path(__file__).resolve().parent / "weights" / "dreamllm-7b-chat-aesthetic"),
 }
 TOY_PARTS = ["tokenizer.json", "llm/config.json", "clip/config.json", "vae/config.json", "unet/config.json",
              "scheduler/scheduler_config.json"]
@@ -420,6 +458,9 @@ def build(preset="tiny", seed=0, **config) -> DreamLLM:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (have {', '.join(PRESETS)})")
     p = PRESETS[preset]
+    if "official" in p:  # nothing random: every tensor is the release's (bf16 on the CPU; see official.py)
+        import official
+        return official.load_official(p["official"], **config)
     config = replace(p["config"], **config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -6,10 +6,19 @@ image -> text, and the shapes world's evaluation.
     python sample.py --image out/samples/a_red_circle_0.png --question "What colour is the circle?"
     python sample.py --eval --eval-images 4            # held-out prompts: colour and shape accuracy
 
+The released DreamLLM-7B (python -m weights.download dreamllm-7b-chat sd-2.1-base; 8.0B parameters,
+16 GB of GPU memory in bf16), with its official prompt formats (official.py), and plain SD 2.1-base
+beside it with its own text encoder, the paper's baseline:
+
+    python sample.py --model dreamllm-7b --prompt "a red bicycle against a brick wall" --baseline-sd
+    python sample.py --model dreamllm-7b --image photo.jpg --question "What is unusual here?" --max-new-tokens 128
+    python sample.py --model dreamllm-7b --document "Write a short recipe for pancakes, with pictures."
+
 --eval writes images for the prompts of data.eval_prompts() (colour-shape combinations no training
 document showed) and judges them with data.analyse: the toy world's FID table. --untrained evaluates
 the preset as built (dream queries at init), the baseline that shows what training did.
 """
+import contextlib
 import html
 import json
 import re
@@ -21,12 +30,20 @@ from tqdm import tqdm
 
 import data
 import dreamllm
+import official
 from checkpoint import CheckpointError
 from train import DEFAULT_PRESET, Help, Parser, Stop, autocast, pick_device, read_run, read_tensors
 
 
-def load(args):
-    # -> (model, its run's config or None): the checkpoint's preset, built, with its trained state loaded
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load(args, device, dtype):
+    # -> (model, its run's config or None): the checkpoint's preset, built, with its trained state loaded;
+    # or the released model (--model: a preset such as dreamllm-7b, or its folder)
+    if args.model:
+        folder = dreamllm.PRESETS.get(args.model, {}).get("official", args.model)
+        return official.load_official(folder, device, dtype), None
     if args.untrained:
         return dreamllm.build(args.preset or DEFAULT_PRESET, seed=args.seed), None
     ckpt = Path(args.ckpt or f"out/{args.preset or DEFAULT_PRESET}")
@@ -122,6 +139,12 @@ def main(argv=None):
     what.add_argument("--image", help="an image to ask --question about")
     what.add_argument("--eval", action="store_true", help="colour and shape accuracy on held-out prompts")
     p.add_argument("--question", help="the question about --image")
+    p.add_argument("--model", help="the released DreamLLM: a preset (dreamllm-7b, dreamllm-7b-aesthetic) or its "
+                   "folder; instead of --ckpt")
+    p.add_argument("--dtype", choices=list(DTYPES), help="--model's weights (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--baseline-sd", action="store_true", help="--prompt: also plain Stable Diffusion with its own "
+                   "text encoder (the paper's baseline), side by side in grid.png")
+    p.add_argument("--sd", default="weights/sd-2.1-base", help="--baseline-sd's diffusers pipeline folder")
     p.add_argument("--ckpt", help=f"a train.py run's folder (default: out/<preset>, preset {DEFAULT_PRESET})")
     p.add_argument("--preset", help="the preset the checkpoint must be of (default: whatever it is)")
     p.add_argument("--untrained", action="store_true", help="no checkpoint: the preset as built (a baseline)")
@@ -139,6 +162,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if bool(args.image) != bool(args.question):
         p.error("--image and --question go together")
+    if args.baseline_sd and args.prompt is None:
+        p.error("--baseline-sd goes with --prompt")
+    if args.model and (args.eval or args.ckpt or args.untrained):
+        p.error("--model is the released model: not with --eval (the toy world's), --ckpt or --untrained")
     if min(args.num_images, args.steps, args.eval_images, args.eval_questions) < 1:
         p.error("--num-images, --steps, --eval-images and --eval-questions must be at least 1")
     try:
@@ -149,25 +176,38 @@ def main(argv=None):
             except (OSError, UnidentifiedImageError) as e:
                 raise Stop(f"{args.image}: not a readable image ({e.__class__.__name__})") from None
         device = pick_device(args.device)
-        model, run = load(args)
+        dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+        # the baseline first: a missing SD folder fails before the 13.5 GB are read
+        sd = official.StableDiffusion(args.sd, device, dtype) if args.baseline_sd else None
+        model, run = load(args, device, dtype)
         model = model.to(device).eval()
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same images on any device
         sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, generator=g)
-        with torch.no_grad(), autocast(device):
+        # the released model's weights are already in --dtype; the toy checkpoints run under bf16 autocast on CUDA
+        with torch.no_grad(), contextlib.nullcontext() if args.model else autocast(device):
             if args.prompt is not None:
                 images = model.text_to_image(args.prompt, args.num_images, **sampling)
                 for i, im in enumerate(images):
                     im.save(out / f"{slug(args.prompt)}_{i}.png")
-                grid([(args.prompt, images)]).save(out / "grid.png")
-                print(f"wrote {len(images)} images and grid.png to {out}")
+                rows = [(args.prompt, images)]
+                if sd is not None:  # the same prompt and seeds through plain SD
+                    sampling["generator"] = torch.Generator().manual_seed(args.seed)
+                    baseline = sd.text_to_image(args.prompt, args.num_images, image_size=model.config.image_size,
+                                                **sampling)
+                    for i, im in enumerate(baseline):
+                        im.save(out / f"sd_{slug(args.prompt)}_{i}.png")
+                    rows = [("DreamLLM: " + args.prompt, images), ("plain SD: " + args.prompt, baseline)]
+                grid(rows, scale=2 if images[0].width <= 128 else 1).save(out / "grid.png")
+                print(f"wrote {len(images) * len(rows)} images and grid.png to {out}")
             elif args.document is not None:
                 # a text ending in <image> asks for an image there first (the rest is the model's choice)
                 text, force = args.document.rstrip(), args.document.rstrip().endswith(data.IMAGE_TOKEN)
                 text = text.removesuffix(data.IMAGE_TOKEN) if force else args.document
-                segments = model.generate(text, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                          force_image=force, **sampling)
+                # (a chat model gets the request in its template; the toy's documents are plain text)
+                segments = model.generate(model.prompts.chat(text, document=True), max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, force_image=force, **sampling)
                 n = write_document(text, segments, out)
                 print(f"wrote {out / 'document.html'} with {n} image(s)")
             elif args.image:

@@ -1,0 +1,211 @@
+"""Loading the released DreamLLM-7B and its prompt formats; and plain Stable Diffusion, the paper's baseline.
+
+The release (RunpeiDong/dreamllm-7b-chat-v1.0; `python -m weights.download dreamllm-7b-chat`) is one
+folder written by the official code's save: the LLM in Hugging Face Llama names, and beside it one
+`torch.save`d state dict per plugin module, the module's attribute names as keys:
+
+    pytorch_model.bin          model.embed_tokens, model.layers.N.*, model.norm, lm_head (32008 rows)
+    clip_vision_embedding.bin  clip_vision_model.vision_model.* (a CLIPVisionModel), projector.projector.{weight,bias}
+    dream_embedding.bin        dream_queries [1, 64, 4096]
+    stable_diffusion_head.bin  unet.*, vae.* (diffusers names), projector.projector.weight [1024, 4096] (no bias)
+    tokenizer.model + added_tokens.json   SentencePiece + 8 tokens: [PAD] <im_start> <dream_end> ... (32000-32007)
+
+A short table of prefixes maps every key into our DreamLLM; the modules are built on the meta device and
+the tensors assigned, strictly, so the 7B model never exists twice in memory.
+
+    model = official.load_official("weights/dreamllm-7b-chat", dtype=torch.bfloat16).to("cuda")
+    model.text_to_image("a red bicycle against a brick wall")   # BOS + prompt + dream slot, CFG on ""
+    model.answer(image, "What is unusual about this image?")     # Vicuna v1.1 chat, the image read by CLIP
+"""
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tqdm import tqdm
+
+import clip
+import llama
+import unet
+from checkpoint import CheckpointError, assign, read_config, read_state_dict
+from dreamllm import DreamConfig, DreamLLM, PromptFormat, to_pil, _randn
+from unet import DDIM, DDPM
+
+DOWNLOAD = "python -m weights.download dreamllm-7b-chat"
+# file -> {prefix in the file: prefix in our DreamLLM}. A key no prefix covers keeps its file's name in
+# front, so that a strict assign() names it as unexpected, with its file.
+LAYOUT = {
+    "pytorch_model.bin": {"model.": "llm.model.", "lm_head.": "llm.lm_head."},
+    "clip_vision_embedding.bin": {"clip_vision_model.": "clip.", "projector.projector.": "visual_projector."},
+    "dream_embedding.bin": {"dream_queries": "dream_queries"},
+    "stable_diffusion_head.bin": {"unet.": "unet.", "vae.": "vae.", "projector.projector.": "condition_projector."},
+}
+# buffers old transformers saved (RoPE frequencies, CLIP position ids): we compute them instead
+IGNORE = [r"rotary_emb\.inv_freq$", r"position_ids$"]
+# The official save leaves the plugins out of pytorch_model.bin; a file that has them anyway is not
+# read twice: the plugins' own files are the source.
+PLUGINS_IN_LLM = ("model.clip_vision_embedding.", "model.dream_embedding.", "stable_diffusion_head.")
+
+# The official prompt formats (omni/conversation/conversation.py, "vicuna_v1.1", as FastChat's; the
+# document system prompt is its "dream_conversation"'s). A given image is a read slot only, as in the
+# official chat data; text-to-image puts the dream slot right after BOS + prompt.
+VICUNA_V1_1 = PromptFormat(
+    system="A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+           "helpful, detailed, and polite answers to the user's questions.",
+    document_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
+                    "writes engaged, and detailed articles/news/blogs/diaries/handbooks/menus/introductions "
+                    "with illustrations and text following user's instructions.",
+    question="<image>{question}", read_only_images=True, caption_sep="")
+
+
+def _missing(folder, names, download):
+    if missing := [n for n in names if not (Path(folder) / n).is_file()]:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{Path(folder) / missing[0]}: missing{more}; download it with `{download}`")
+
+
+def _tokenizer(folder):
+    # tokenizer.json if there is one (python -m weights.convert tokenizer FOLDER writes it once), else
+    # the same tokenizer converted in memory from tokenizer.model + added_tokens.json (a few seconds)
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    _missing(folder, ["tokenizer.model", "added_tokens.json"], DOWNLOAD)
+    from weights import convert
+    try:
+        added = {str(k): int(v) for k, v in json.loads((folder / "added_tokens.json").read_text()).items()}
+        legacy = read_config(folder, "tokenizer_config.json").get("legacy") is not False \
+            if (folder / "tokenizer_config.json").is_file() else True
+        return convert.sentencepiece_to_tokenizer_json(folder / "tokenizer.model", added, legacy)
+    except (ValueError, AttributeError, convert.ConvertError) as e:
+        raise CheckpointError(f"{folder}: the tokenizer cannot be read ({e})") from None
+
+
+def _plugin_config(folder, hf):
+    # the few plugin settings that change the architecture; anything else than the release's fails here
+    plugins = hf.get("plugins_init_kwargs") or {}
+    for name in ("clip_vision_embedding", "stable_diffusion_head"):
+        kw = plugins.get(name) or {}
+        if kw.get("projector_type", "linear") != "linear" or kw.get("projector_depth", 1) != 1:
+            raise CheckpointError(f"{folder / 'config.json'}: {name} has a {kw.get('projector_type')} projector of "
+                                  f"depth {kw.get('projector_depth')}; only the release's linear one is supported")
+    if (plugins.get("clip_vision_embedding") or {}).get("use_additional_post_layernorm"):
+        raise CheckpointError(f"{folder / 'config.json'}: use_additional_post_layernorm is not supported")
+    return (plugins.get("clip_vision_embedding") or {}).get("select_layer", -2)
+
+
+def _read(path, prefixes, dtype, device):
+    keep = (lambda k: not k.startswith(PLUGINS_IN_LLM)) if path.name == "pytorch_model.bin" else (lambda k: True)
+    out = {}
+    for k, v in read_state_dict([path], dtype=dtype, device=device, keep=keep).items():
+        head = next((p for p in prefixes if k.startswith(p)), None)
+        out[f"{path.name}/{k}" if head is None else prefixes[head] + k[len(head):]] = v
+    return out
+
+
+def load_official(folder, device="cpu", dtype=torch.bfloat16, clip_config="clip-vit-large-patch14",
+                  sd="sd-2.1-base", **config) -> DreamLLM:
+    """The release folder -> a DreamLLM with the official prompt formats. The LLM's config comes from
+    config.json; CLIP's and SD's from presets (clip_config, sd: names or configs; tests pass small ones),
+    since the release names them by hub path only. `config` overrides DreamConfig fields."""
+    folder = Path(folder)
+    _missing(folder, ["config.json", *LAYOUT], DOWNLOAD)
+    hf = read_config(folder)
+    try:  # a LLaMA config with DreamLLM's fields added (model_type "dreamllm")
+        llm_config = llama.LlamaConfig.from_hf(dict(hf, model_type="llama"))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not a LLaMA config ({e!r})") from None
+    select_layer, tokenizer = _plugin_config(folder, hf), _tokenizer(folder)
+
+    state = {}
+    for name, prefixes in tqdm(LAYOUT.items(), desc="reading", unit="file", leave=False):
+        state |= _read(folder / name, prefixes, dtype, device)
+    if "dream_queries" in state and state["dream_queries"].ndim == 3:
+        state["dream_queries"] = state["dream_queries"][0]  # (1, K, D) -> (K, D)
+    # Old diffusers files name the VAE attention query/key/value/proj_attn (unet.load_vae's rename)
+    state = {re.sub(r"^(vae\..*attentions\.\d+)\.(query|key|value|proj_attn)\.",
+                    lambda m: f"{m[1]}.{unet._OLD_VAE_ATTN[m[2]]}.", k): v for k, v in state.items()}
+    n_queries = state["dream_queries"].shape[0] if "dream_queries" in state else 64
+
+    vision = clip.PRESETS[clip_config] if isinstance(clip_config, str) else clip_config
+    vision = replace(vision, text=None, projection_dim=None)  # the bare CLIPVisionModel
+    sd = unet.PRESETS[sd] if isinstance(sd, str) else sd
+    dream = replace(DreamConfig(n_queries=n_queries, clip_layer=select_layer, image_size=512), **config)
+    with torch.device("meta"):  # no memory until the files' tensors are assigned
+        backbones = llama.Llama(llm_config), clip.CLIP(vision), unet.build_unet(sd), unet.build_vae(sd)
+    with torch.random.fork_rng(devices=[]):  # DreamLLM's own parts are drawn, then overwritten: RNG untouched
+        model = DreamLLM(*backbones, sd["scheduler"], tokenizer, dream, prompts=VICUNA_V1_1)
+    assign(model, state, folder, ignore=IGNORE)
+    model.llm.tie_weights()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's baseline: Stable Diffusion 2.1-base with its own text encoder (a diffusers pipeline
+# folder: text_encoder/ a CLIPTextModel, tokenizer/ CLIP's BPE files, unet/, vae/, scheduler/)
+
+SD_DOWNLOAD = "python -m weights.download sd-2.1-base"
+SD_FILES = ["text_encoder/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt", "unet/config.json",
+            "vae/config.json", "scheduler/scheduler_config.json"]
+# CLIP's word pattern: its special tokens, English contractions, letter runs, single digits, other symbols
+CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def clip_tokenizer(folder, length=77):
+    """CLIP's BPE from vocab.json + merges.txt, as the official CLIPTokenizer: NFC, whitespace runs to one
+    space, lowercase; words cut by CLIP's pattern, written as bytes, "</w>" closing each word; then
+    <|startoftext|> ... <|endoftext|>, truncated and padded to `length` with the folder's pad token."""
+    folder = Path(folder)
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_WORDS), behavior="removed", invert=True),  # keep the words
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])  # whole wherever they are written
+    special = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            special |= {k: v["content"] if isinstance(v, dict) else v
+                        for k, v in json.loads((folder / name).read_text()).items() if k.endswith("_token")}
+    pad = special.get("pad_token") or "<|endoftext|>"  # SD 2.x pads with "!", SD 1.x with <|endoftext|>
+    tok.add_special_tokens([pad])  # a special token: so a "!" in SD 2.x's prompts is the bare "!", as there
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+
+    def encode(texts):  # -> (B, length) ids
+        ids = [[bos] + e.ids[:length - 2] + [eos] for e in tok.encode_batch(texts, add_special_tokens=False)]
+        return torch.tensor([row + [vocab[pad]] * (length - len(row)) for row in ids])
+    return encode
+
+
+class StableDiffusion:
+    # text -> image with SD's own text encoder: the context is the text tower's last hidden states over
+    # all 77 tokens (pads included, no mask, as SD was trained), CFG against the empty prompt's
+    def __init__(self, folder, device="cpu", dtype=torch.float32):
+        folder = Path(folder)
+        _missing(folder, SD_FILES, SD_DOWNLOAD)
+        self.text_encoder = clip.load(folder / "text_encoder", device, dtype)
+        self.tokenize = clip_tokenizer(folder / "tokenizer", self.text_encoder.config.text.n_positions)
+        self.unet, self.vae = unet.load_unet(folder, device, dtype), unet.load_vae(folder, device, dtype)
+        self.scheduler_config = read_config(folder / "scheduler", "scheduler_config.json")
+        self.device, self.dtype = torch.device(device), dtype
+
+    @torch.no_grad()
+    def text_to_image(self, prompt, num_images=1, steps=50, guidance=7.5, sampler="ddim", generator=None,
+                      progress=True, image_size=512):
+        ids = self.tokenize(["", prompt]).to(self.device)
+        null, cond = self.text_encoder.text_hidden_states(ids).to(self.dtype).chunk(2)  # (1, 77, C) each
+        context = torch.cat([null.expand(num_images, -1, -1), cond.expand(num_images, -1, -1)])
+        sched = {"ddim": DDIM, "ddpm": DDPM}[sampler](self.scheduler_config)
+        sched.set_timesteps(steps)
+        h = image_size // 2 ** (len(self.vae.config.channels) - 1)
+        z = _randn(torch.empty(num_images, self.vae.config.latent_channels, h, h, device=self.device), generator)
+        for t in tqdm(sched.timesteps, desc="plain SD", disable=not progress, leave=False):
+            null_out, cond_out = self.unet(torch.cat([z, z]).to(self.dtype), t, context).float().chunk(2)
+            z = sched.step(null_out + guidance * (cond_out - null_out), t, z, generator=generator)  # CFG
+        return to_pil(self.vae.decode((z / self.vae.scaling_factor).to(self.dtype)))

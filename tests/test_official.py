@@ -1,0 +1,289 @@
+# official.py on tiny replicas of the released layouts (CPU, never the network):
+# - the DreamLLM-7B release: the same file names, key names and dtype (bf16 .bin files written by
+#   torch.save), added_tokens.json with the official ids and order, a SentencePiece tokenizer.model
+#   trained here, config.json with DreamLLM's fields; only the sizes are small.
+# - the SD 2.1-base pipeline for the plain-SD baseline: text_encoder/ (a transformers CLIPTextModel),
+#   tokenizer/ (CLIP BPE files, padded with "!"), unet/, vae/, scheduler/.
+import functools
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import clip
+import dreamllm
+import llama
+import official
+import sample
+import unet
+from checkpoint import CheckpointError
+from test_convert import ADDED_ORDER, train as train_sentencepiece
+
+LLM = llama.LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=0, hidden_dim=96)  # vocab: below
+CLIP = clip.PRESETS["clip-tiny-vision"]                                    # width 64, 32 px, 16 patches
+SD = dict(unet.PRESETS["tiny"], unet=replace(unet.PRESETS["tiny"]["unet"], context_dim=40))  # context 40
+SMALL = dict(clip_config=CLIP, sd=SD, image_size=64)  # what load_official needs to know for a replica
+K = 8
+N = 500  # SentencePiece pieces (the corpus needs ~360 characters and bytes)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def bf16(state, prefix=""):
+    return {prefix + k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}
+
+
+def write_release(folder):
+    # the release's files, tiny; returns the tensors written, by file
+    train_sentencepiece(folder, vocab_size=N)
+    n = N
+    (folder / "added_tokens.json").write_text(json.dumps({t: n + i for i, t in enumerate(ADDED_ORDER)}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False,
+                                                              "model_max_length": 2048, "legacy": True}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                                "unk_token": "<unk>", "pad_token": "[PAD]"}))
+    cfg = replace(LLM, vocab_size=n + 8)
+    plugins = {"clip_vision_embedding": {"projector_type": "linear", "projector_depth": 1, "select_layer": -2,
+                                         "clip_vision_model_name_or_path": "openai/clip-vit-large-patch14"},
+               "dream_embedding": {"num_dream_queries": K},
+               "stable_diffusion_head": {"projector_type": "linear", "projector_depth": 1,
+                                         "diffusion_name_or_path": "stabilityai/stable-diffusion-2-1-base"}}
+    # as the release's: model_type "dreamllm", and the odd bos/eos ids 0/1 (the tokenizer's are 1/2)
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf() | dict(
+        model_type="dreamllm", architectures=["DreamLLMForCausalMLM"], bos_token_id=0, eos_token_id=1,
+        plugins_init_kwargs=plugins, loss_weight_lm=1.0, loss_weight_vm=10.0)))
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lm = bf16(llama.build(cfg).state_dict())
+        lm |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(6) for i in range(cfg.n_layers)}
+        vit = bf16(clip.build(replace(CLIP, projection_dim=None)).state_dict(), "clip_vision_model.")
+        vit |= bf16({"weight": torch.randn(48, 64, generator=g), "bias": torch.randn(48, generator=g)},
+                    "projector.projector.")
+        head = bf16(unet.build_unet(SD).state_dict(), "unet.")
+        # the VAE's attention under the old diffusers names, as SD 2.1-base's own file still has them
+        old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        for k, v in bf16(unet.build_vae(SD).state_dict()).items():
+            for new, was in old.items():
+                k = k.replace(f"attentions.0.{new}.", f"attentions.0.{was}.")
+            head["vae." + k] = v
+        head["projector.projector.weight"] = torch.randn(40, 48, generator=g).bfloat16()
+        dream = {"dream_queries": torch.randn(1, K, 48, generator=g).bfloat16()}
+    files = {"pytorch_model.bin": lm, "clip_vision_embedding.bin": vit, "dream_embedding.bin": dream,
+             "stable_diffusion_head.bin": head}
+    for name, state in files.items():
+        torch.save(state, folder / name)
+    return files
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dreamllm-7b-chat")
+    return folder, write_release(folder)
+
+
+@pytest.fixture(scope="module")
+def model(release):
+    return official.load_official(release[0], **SMALL)
+
+
+def picture():
+    return Image.frombytes("RGB", (40, 30), bytes(random.Random(0).randrange(256) for _ in range(40 * 30 * 3)))
+
+
+def test_loads_strictly_in_bf16_with_the_files_tensors(release, model):
+    folder, files = release
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    spot = {("pytorch_model.bin", "model.layers.1.self_attn.q_proj.weight"):
+                model.llm.model.layers[1].self_attn.q_proj.weight,
+            ("pytorch_model.bin", "lm_head.weight"): model.llm.lm_head.weight,
+            ("clip_vision_embedding.bin", "clip_vision_model.vision_model.encoder.layers.3.mlp.fc2.bias"):
+                model.clip.vision_model.encoder.layers[3].mlp.fc2.bias,
+            ("clip_vision_embedding.bin", "projector.projector.bias"): model.visual_projector.bias,
+            ("dream_embedding.bin", "dream_queries"): model.dream_queries[None],
+            ("stable_diffusion_head.bin", "unet.conv_in.weight"): model.unet.conv_in.weight,
+            ("stable_diffusion_head.bin", "vae.decoder.mid_block.attentions.0.query.weight"):
+                model.vae.decoder.mid_block.attentions[0].to_q.weight,
+            ("stable_diffusion_head.bin", "projector.projector.weight"): model.condition_projector.weight}
+    for (name, key), ours in spot.items():
+        assert torch.equal(ours, files[name][key]), key
+    assert model.condition_projector.bias is None and model.config.n_queries == K and model.config.clip_layer == -2
+
+
+def test_the_official_token_ids_are_looked_up_not_assumed(model):
+    n = N
+    assert model.n_text_vocab == n and model.llm.cfg.vocab_size == n + 8  # nothing added, nothing resized
+    assert (model.bos_id, model.eos_id) == (1, 2)  # the tokenizer's, not config.json's 0 / 1
+    assert {s: model.token_id[s] for s in dreamllm.SPECIAL_TOKENS} == \
+        {s: n + ADDED_ORDER.index(s) for s in dreamllm.SPECIAL_TOKENS}
+    assert model.tokenizer.get_vocab_size() == n + 8
+
+
+def test_runs_end_to_end(model):
+    g = torch.Generator().manual_seed(0)
+    sampling = dict(steps=2, guidance=3.0, generator=g, progress=False)
+    images = model.text_to_image("a red bicycle", num_images=2, **sampling)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    reply = model.answer(picture(), "What is in the picture?", max_new_tokens=5, progress=False)
+    assert isinstance(reply, str)
+    segments = model.generate(official.VICUNA_V1_1.chat("Write about a bicycle.", document=True),
+                              max_new_tokens=4, force_image=True, **sampling)
+    assert isinstance(segments[0], Image.Image) and all(isinstance(s, str) for s in segments[1:])
+
+
+def test_official_prompt_formats(model, monkeypatch):
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+    assert official.VICUNA_V1_1.chat("<image>What is it?") == f"{system} USER: <image>What is it? ASSISTANT:"
+    seen = []
+    embed = model.embed
+    monkeypatch.setattr(model, "embed", lambda ids, pixels=None: seen.append(ids[0].tolist()) or embed(ids, pixels))
+    t, tok = model.token_id, model.tokenizer
+    # text -> image: BOS + the prompt's tokens + <dream_start> + K queries (no space token between)
+    model.text_to_image("a red bicycle", steps=1, progress=False)
+    assert seen[0] == [1] + tok.encode("a red bicycle", add_special_tokens=False).ids + \
+        [t["<dream_start>"]] + [t["<im_patch>"]] * K
+    assert seen[1] == [1, t["<dream_start>"]] + [t["<im_patch>"]] * K  # the CFG null: the empty prompt
+    # chat about an image: BOS + the template, the image a read slot only: <im_start> N x <im_patch> <im_end>
+    seen.clear()
+    model.answer(picture(), "What is it?", max_new_tokens=1, progress=False)
+    before, after = f"{system} USER: ", "What is it? ASSISTANT:"
+    read = [t["<im_start>"]] + [t["<im_patch>"]] * model.n_patches + [t["<im_end>"]]
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+    assert seen[0] == [1] + enc(before) + read + enc(after) and t["<dream_start>"] not in seen[0]
+
+
+def test_build_resolves_the_preset(release, monkeypatch, tmp_path):
+    monkeypatch.setitem(dreamllm.PRESETS, "dreamllm-7b", dict(official=release[0]))
+    m = dreamllm.build("dreamllm-7b", **SMALL)
+    assert m.prompts is official.VICUNA_V1_1 and m.config.image_size == 64
+    monkeypatch.setitem(dreamllm.PRESETS, "dreamllm-7b", dict(official=tmp_path / "nothing"))
+    with pytest.raises(CheckpointError) as e:
+        dreamllm.build("dreamllm-7b")
+    assert "\n" not in str(e.value) and "python -m weights.download dreamllm-7b-chat" in str(e.value)
+
+
+def test_missing_or_wrong_files_fail_in_one_line(release, tmp_path):
+    folder, files = release
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "dream_embedding.bin").unlink()
+    with pytest.raises(CheckpointError) as e:
+        official.load_official(tmp_path, **SMALL)
+    assert str(e.value).count("\n") == 0 and "dream_embedding.bin: missing" in str(e.value)
+    assert "`python -m weights.download dreamllm-7b-chat`" in str(e.value)
+    torch.save(files["dream_embedding.bin"], tmp_path / "dream_embedding.bin")
+    # an LLM of another width than config.json says
+    other = bf16(llama.build(replace(LLM, dim=32, vocab_size=N + 8)).state_dict())
+    torch.save(other, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        official.load_official(tmp_path, **SMALL)
+    msg = str(e.value)
+    assert "\n" not in msg and "wrong shapes" in msg and "llm.model.embed_tokens.weight" in msg
+    # plugin copies inside pytorch_model.bin are not read; an unknown key is named with its file
+    torch.save(files["pytorch_model.bin"] | {"model.dream_embedding.dream_queries": torch.zeros(1, K, 48),
+                                             "model.mystery": torch.zeros(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        official.load_official(tmp_path, **SMALL)
+    assert "1 unexpected keys: llm.model.mystery" in str(e.value)
+    (tmp_path / "stable_diffusion_head.bin").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="stable_diffusion_head.bin: cannot be read"):
+        official.load_official(tmp_path, **SMALL)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plain-SD baseline
+
+WORDS = "a photo of the red blue green cat dog bicycle sofa wall brick sitting on in under painting".split()
+CORPUS = ["A photo of a cat", "a  RED bicycle,  against a brick wall!", "café naïve über", "it's, we'll, I'd",
+          "digits 2024 and 3.14", "emoji 😀 and 日本", "   spaces\tand\nnewlines  ", "", "!!!",
+          "<|startoftext|>inside<|endoftext|>", " ".join(["long"] * 100)]
+
+
+def write_clip_bpe(folder):
+    # CLIP's files as CLIP builds them: 256 byte symbols, the same with "</w>", then one token per merge,
+    # then <|startoftext|> <|endoftext|>; the merges learned here on a small corpus
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(500)]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, end_of_word_suffix="</w>", show_progress=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    base = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = base + [b + "</w>" for b in base] + [m.replace(" ", "") for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {v: i for i, v in enumerate(dict.fromkeys(vocab))}
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": "!",
+                                                              "do_lower_case": True}))
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd-2.1-base")
+    n = write_clip_bpe(folder / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=n, max_position_embeddings=77, hidden_act="gelu", eos_token_id=2)
+                  ).save_pretrained(folder / "text_encoder")
+    for part, model in (("unet", unet.build_unet(SD)), ("vae", unet.build_vae(SD))):
+        (folder / part).mkdir()
+        (folder / part / "config.json").write_text(json.dumps(model.config.to_diffusers()))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  folder / part / "diffusion_pytorch_model.safetensors")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD["scheduler"]))
+    return folder
+
+
+def test_clip_tokenizer_equals_transformers(sd_folder):
+    ref = CLIPTokenizer.from_pretrained(sd_folder / "tokenizer")
+    ours = official.clip_tokenizer(sd_folder / "tokenizer")
+    rng = random.Random(1)
+    words = WORDS + ["Ünïcode", "x,y", "it's", "42", "wall!", "A!B"]
+    texts = CORPUS + [" ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) for _ in range(200)]
+    want = ref(texts, padding="max_length", max_length=77, truncation=True).input_ids
+    got = ours(texts).tolist()
+    bad = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
+    assert not bad, bad[:3]
+    assert got[0][-1] == ref.convert_tokens_to_ids("!")  # SD 2.x pads with "!"
+
+
+def test_plain_sd_and_sample_side_by_side(release, sd_folder, tmp_path, monkeypatch):
+    sd = official.StableDiffusion(sd_folder)
+    images = sd.text_to_image("a red bicycle", 2, steps=2, image_size=64, progress=False,
+                              generator=torch.Generator().manual_seed(0))
+    assert len(images) == 2 and images[0].size == (64, 64)
+    # sample.py: the replica release with the baseline beside it (small configs for the replica)
+    monkeypatch.setattr(official, "load_official", functools.partial(official.load_official, **SMALL))
+    sample.main(["--model", str(release[0]), "--prompt", "a red bicycle", "--num-images", "2", "--steps", "2",
+                 "--baseline-sd", "--sd", str(sd_folder), "--out", str(tmp_path), "--device", "cpu"])
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"a_red_bicycle_0.png", "sd_a_red_bicycle_1.png", "grid.png"} <= names
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.height > 2 * 64  # two rows: DreamLLM's and SD's
+    with pytest.raises(SystemExit) as e:  # no SD folder: one line naming the download
+        sample.main(["--model", str(release[0]), "--prompt", "x", "--baseline-sd", "--sd", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert "python -m weights.download sd-2.1-base" in e.value.code and "\n" not in e.value.code
+    with pytest.raises(SystemExit) as e:  # no release folder: one line naming the download
+        sample.main(["--model", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "o"),
+                     "--device", "cpu"])
+    assert "python -m weights.download dreamllm-7b-chat" in e.value.code and "\n" not in e.value.code
