@@ -4,6 +4,8 @@ groups train, the weights of the two losses, the learning rate and the mix of tr
     python train.py                                              # the default run, into out/<preset>
     python train.py --preset tiny --steps 20 --device cpu --out out/try
     python train.py --stage I-comprehension --init out/tiny --out out/tiny-comprehension
+    torchrun --nproc_per_node 2 train.py --device cpu --batch-size 8     # 2 processes, 4 documents each
+    torchrun --nproc_per_node 8 train.py --preset dreamllm-7b --stage II --fsdp --checkpointing --compile
 
 The loss (dreamllm.py): lm_weight * CE(next token) + diffusion_weight * |unet(z_t, t, c) - target|^2,
 c the projected hidden states of the dream queries. CLIP, the VAE and the UNet never train.
@@ -13,8 +15,9 @@ it, then os.replace), so a crash or Ctrl-C never leaves a half-written file:
     model.safetensors        what the run trained, by name (DreamLLM.trained_state): all sample.py needs
     config.json              preset, stage, groups, DreamConfig, step, steps, seed, the arguments
     train_state.safetensors  AdamW's moments and step counts, for --resume
-Nothing else is needed: example e of the run and the noise of step i are pure functions of (seed, e)
-and (seed, i), so `--resume` ends bit-identical (on CPU) to the same run uninterrupted. A folder that
+Nothing else is needed: example e of the run and its noise are pure functions of (seed, e), so
+`--resume` ends bit-identical (on CPU) to the same run uninterrupted, and under torchrun each process
+takes a slice of the same global batch: N processes give the losses of one (to float rounding). A folder that
 holds a checkpoint is only ever continued, with --resume and the same settings (--steps may grow, the
 device may change); to start again, pick another --out or delete the folder.
 """
@@ -32,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -169,6 +173,14 @@ def read_tensors(path, step=None):
     return tensors
 
 
+def cast_frozen(model, dtype):
+    # on the GPU the frozen weights (CLIP, the VAE, the UNet, a frozen LLM's blocks) are kept in bf16:
+    # half the memory and the bandwidth; what trains stays fp32 (AdamW's small updates vanish in bf16)
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
 def make_optimizer(model, groups, args):
     # Only the stage's groups train. AdamW; no weight decay on the dream queries, the new token rows,
     # biases and norms. New rows without the LLM: the gradient of the old rows is zeroed, so (with no
@@ -194,6 +206,75 @@ def make_optimizer(model, groups, args):
                                      lr=args.lr, betas=(0.9, 0.95))
 
 
+# ---------------------------------------------------------------------------------- many processes
+# Under torchrun (WORLD_SIZE > 1) every process runs this script on a slice of each global batch and
+# weights its losses by its share of the batch's tokens and images, so that the sum of the processes'
+# gradients is the gradient of the global batch's loss. The gradients of the replicated trained
+# parameters are summed by hand (sync_grads) rather than by DistributedDataParallel: DDP averages
+# over processes (right only for equal slices, and ours differ in tokens and images), needs
+# find_unused_parameters (a slice without images leaves the condition projector unused) and no_sync()
+# for --grad-accum; one all-reduce per tensor after the last micro-batch is all data parallelism is.
+# (It does not overlap communication with backward as DDP's buckets do: with only the small DreamLLM
+# parts replicated, that costs little; the 7B LLM goes to FSDP, which does overlap.)
+
+def init_distributed(device):  # -> (rank, world size, this process's device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_sum(t, world):  # the sum over processes, in place
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def sync_grads(params, world):
+    from torch.distributed.tensor import DTensor  # FSDP's sharded parameters: already reduced
+    if world == 1:
+        return
+    for p in params:
+        if isinstance(p, DTensor):  # FSDP averaged the shards' gradients over the processes: we want the sum
+            p.grad.mul_(world)
+        else:
+            if p.grad is None:  # unused here, maybe not elsewhere: every process must join every all-reduce
+                p.grad = torch.zeros_like(p)
+            all_sum(p.grad, world)
+
+
+def shard_llm(model):
+    # FSDP2: each LLaMA block, the embedding, the final norm and lm_head become a unit whose parameters
+    # (and gradients and AdamW moments) are split across the processes and gathered just before use.
+    # Each is its own unit because DreamLLM calls them directly (embed_tokens, lm_head), not llm().
+    from torch.distributed.fsdp import fully_shard
+    llm = model.llm
+    if llm.cfg.tie_embeddings:
+        raise Stop("--fsdp: an LLM with tied embeddings is not supported (its embedding is in two units)")
+    units = [*llm.model.layers, llm.model.embed_tokens, llm.model.norm, llm.lm_head]
+    for u in units:
+        fully_shard(u)
+    return units
+
+
+def clip_grads(params, max_norm, world):
+    # clip_grad_norm_ over sharded (DTensor) and replicated gradients: sharded squares are summed over
+    # the processes, replicated ones are the same in each
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in params if p.grad is not None]
+    zero = torch.zeros((), device=params[0].device)
+    sharded = sum((g.to_local().float().pow(2).sum() for g in grads if isinstance(g, DTensor)), zero)
+    rest = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), zero)
+    norm = (all_sum(sharded, world) + rest).sqrt()
+    for g in grads:
+        g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0).to(g.dtype))
+    return norm
+
+
 # ------------------------------------------------------------------------------------------- the loop
 
 def train(args):
@@ -216,7 +297,12 @@ def train(args):
         return
 
     example = example_source(args, stage)
-    device = pick_device(args.device)
+    rank, world, device = init_distributed(pick_device(args.device))
+    if args.batch_size < world:
+        raise Stop(f"--batch-size {args.batch_size} (the global batch) is smaller than the {world} processes")
+    if args.fsdp and "llm" not in stage["groups"]:
+        raise Stop(f"--fsdp shards the LLM, which stage {args.stage} does not train (use plain data parallel)")
+    say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks and writes
     # the loss variants: the stage's weights and the preset's DreamConfig, unless given
     weights = {k: stage[k] if getattr(args, k) is None else getattr(args, k) for k in ("lm_weight", "diffusion_weight")}
     variants = {k: v for k in ("target", "min_snr_gamma", "cond_dropout") if (v := getattr(args, k)) is not None}
@@ -228,30 +314,49 @@ def train(args):
             raise Stop(f"--init: {args.init} holds no checkpoint of preset {args.preset}")
         model.load_trained_state(read_tensors(Path(args.init) / "model.safetensors", init["step"]))
         groups += [g for g in init["groups"] if g not in groups]
-    params, opt = make_optimizer(model, stage["groups"], args)
-    step = 0
     if run:
         model.load_trained_state(read_tensors(out / "model.safetensors", run["step"]))
-        state = {}  # "i.key" -> tensor, back to AdamW's {"state": {i: {key: tensor}}}
+    model.llm.gradient_checkpointing = args.checkpointing
+    n = sum(t.numel() for t in model.trained_state(stage["groups"]).values())
+    units = shard_llm(model) if args.fsdp else []
+    params, opt = make_optimizer(model, stage["groups"], args)
+    if device.type == "cuda":
+        cast_frozen(model, torch.bfloat16)
+    if args.compile:  # in place (Module.compile), so parameter names and checkpoints stay the same
+        for m in [*model.llm.model.layers, model.unet]:
+            m.compile()
+    step = 0
+    if run:
+        state, flat = {}, [p for g in opt.param_groups for p in g["params"]]  # "i.key" -> AdamW's {i: {key: t}}
         for key, t in read_tensors(out / "train_state.safetensors", run["step"]).items():
             i, name = key.split(".", 1)
+            if hasattr(flat[int(i)], "device_mesh") and t.shape == flat[int(i)].shape:  # FSDP: this process's shard
+                from torch.distributed.tensor import distribute_tensor
+                t = distribute_tensor(t.to(device), flat[int(i)].device_mesh, flat[int(i)].placements)
             state.setdefault(int(i), {})[name] = t
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
         step = run["step"]
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     saved, losses = (step if run else None), {}
 
-    def save():
+    def save():  # every process gathers (FSDP's shards), process 0 writes
         nonlocal saved
         saving.append(step)
         meta = {"step": str(step)}
-        write_atomically(out / "model.safetensors", lambda f: save_file(model.trained_state(groups), str(f), meta))
-        opt_state = {f"{i}.{k}": v.detach().cpu().contiguous()
+        for u in units:
+            u.unshard()  # full parameters in place of the shards, for trained_state
+        trained = model.trained_state(groups)
+        for u in units:
+            u.reshard()
+        opt_state = {f"{i}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
                      for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-        write_atomically(out / "train_state.safetensors", lambda f: save_file(opt_state, str(f), meta))
-        config = dict(preset=args.preset, stage=args.stage, groups=groups, step=step, steps=args.steps,
-                      seed=args.seed, dream_config=asdict(model.config), losses=losses, args=given)
-        write_atomically(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2) + "\n"))
+        if rank == 0:
+            write_atomically(out / "model.safetensors", lambda f: save_file(trained, str(f), meta))
+            write_atomically(out / "train_state.safetensors", lambda f: save_file(opt_state, str(f), meta))
+            config = dict(preset=args.preset, stage=args.stage, groups=groups, step=step, steps=args.steps,
+                          seed=args.seed, dream_config=asdict(model.config), losses=losses, args=given)
+            write_atomically(out / "config.json", lambda f: f.write_text(json.dumps(config, indent=2) + "\n"))
         saved = step
         saving.clear()
 
@@ -268,54 +373,72 @@ def train(args):
         interrupted.append(step)
         tqdm.write("Ctrl-C: saving after this step (again to quit without saving)")
     previous = signal.signal(signal.SIGINT, on_sigint)
-    n = sum(t.numel() for t in model.trained_state(stage["groups"]).values())
-    print(f"stage {args.stage}: training {', '.join(stage['groups'])} ({n:,} parameters) of preset {args.preset} "
-          f"on {device}, steps {step}..{args.steps}, into {out}")
-    bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step", dynamic_ncols=True)
+    say(f"stage {args.stage}: training {', '.join(stage['groups'])} ({n:,} parameters) of preset {args.preset} "
+        f"on {device}{f' x {world} processes' if world > 1 else ''}, steps {step}..{args.steps}, into {out}")
+    bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step", dynamic_ncols=True,
+               disable=rank > 0)
+    lo, hi = args.batch_size * rank // world, args.batch_size * (rank + 1) // world  # this process's slice
     t0, first = time.perf_counter(), step
     try:
         while step < args.steps:
             lr = lr_at(step, args)
             for group in opt.param_groups:
                 group["lr"] = lr
-            g = torch.Generator().manual_seed(args.seed * 2**32 + step)  # dropout, noise, t of this step
-            totals = dict(loss=0.0, lm=0.0, diffusion=0.0)
+            totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, diffusion, Ctrl-C
             for micro in range(args.grad_accum):
                 first_e = (step * args.grad_accum + micro) * args.batch_size  # example e = a pure function of step
-                batch = model.collate([example(e) for e in range(first_e, first_e + args.batch_size)])
+                docs = [(e, example(e)) for e in range(first_e + lo, first_e + hi)]
+                batch = model.collate([doc for _, doc in docs])
+                # dropout, noise and t of each image from its example's own generator: the same in any process
+                gens = [torch.Generator().manual_seed(args.seed * 2**32 + e) for e, _ in docs]
+                gens = [g for g, (_, (_, images)) in zip(gens, docs) for _ in images]
                 with autocast(device):
-                    loss = model(batch, g)
-                if not torch.isfinite(loss["loss"]):
-                    raise Stop(f"step {step + 1}: the loss is {loss['loss'].item()}; stopped ({kept()})")
-                (loss["loss"] / args.grad_accum).backward()
-                for k in totals:
-                    totals[k] += loss[k].item() / args.grad_accum
-            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    loss = model(batch, gens)
+                if world == 1:
+                    objective, share = loss["loss"], torch.ones(2, device=device)
+                else:  # this slice's share of the global batch's label tokens and images
+                    counts = torch.tensor([(batch["labels"][:, 1:] != -100).sum().item(), len(batch["images"])],
+                                          device=device)
+                    share = (counts / all_sum(counts.clone(), world).clamp(min=1)).float()
+                    objective = model.config.lm_weight * loss["lm"] * share[0] + \
+                        model.config.diffusion_weight * loss["diffusion"] * share[1]
+                (objective / args.grad_accum).backward()
+                parts = torch.stack([objective, loss["lm"] * share[0], loss["diffusion"] * share[1]]).detach()
+                totals[:3] += parts.double() / args.grad_accum
+            totals[3] = float(bool(interrupted))
+            totals = dict(zip(["loss", "lm", "diffusion", "interrupted"], all_sum(totals, world).tolist()))
+            if not math.isfinite(totals["loss"]):  # every process sees the same sums: all stop together
+                raise Stop(f"step {step + 1}: the loss is {totals['loss']}; stopped ({kept()})")
+            sync_grads(params, world)
+            norm = clip_grads(params, 1.0, world) if args.fsdp else torch.nn.utils.clip_grad_norm_(params, 1.0)
             if not torch.isfinite(norm):
                 raise Stop(f"step {step + 1}: the gradient norm is {norm.item()}; stopped ({kept()})")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            step, losses = step + 1, totals
+            step, losses = step + 1, {k: totals[k] for k in ("loss", "lm", "diffusion")}
+            stop = totals.pop("interrupted") > 0  # any process's Ctrl-C stops them all, after the same step
             rate = (step - first) / (time.perf_counter() - t0)
             bar.update()
             bar.set_postfix(loss=f"{totals['loss']:.4f}", lm=f"{totals['lm']:.3f}", diff=f"{totals['diffusion']:.4f}",
                             lr=f"{lr:.1e}")
-            if step % args.log_every == 0 or step == args.steps:
+            if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 tqdm.write(f"step {step}/{args.steps}  loss {totals['loss']:.4f}  lm {totals['lm']:.4f}  "
                            f"diffusion {totals['diffusion']:.4f}  lr {lr:.2e}  {rate:.2f} steps/s")
-            if step == args.steps or step == args.stop_after or step % args.save_every == 0 or interrupted:
+            if step == args.steps or step == args.stop_after or step % args.save_every == 0 or stop:
                 save()
-            if interrupted:
+            if stop:
                 raise Stop(f"interrupted: saved step {step} to {out}; continue with --resume")
             if step == args.stop_after:
-                print(f"stopped after step {step} (--stop-after); saved to {out}; continue with --resume")
+                say(f"stopped after step {step} (--stop-after); saved to {out}; continue with --resume")
                 return
-        print(f"done: {step} steps, saved to {out}")
+        say(f"done: {step} steps, saved to {out}")
     except KeyboardInterrupt:
         raise Stop(f"interrupted at step {step}; {kept()}") from None
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def parse_args(argv=None):
@@ -338,6 +461,11 @@ def parse_args(argv=None):
                    "interleaved documents (see data.py), read into memory once")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="print the losses every this many steps")
+    speed = p.add_argument_group("speed and scale (under torchrun, --batch-size is the global batch)")
+    speed.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the LLM's blocks")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the LLM's blocks and the UNet")
+    speed.add_argument("--fsdp", action="store_true", help="shard the LLM across the processes (FSDP2; stages "
+                       "that train it), instead of a copy per process")
     loss = p.add_argument_group("loss variants (DreamConfig; default: the stage's and the preset's)")
     loss.add_argument("--target", choices=["epsilon", "v", "x0"], help="the space of the diffusion MSE")
     loss.add_argument("--min-snr-gamma", type=float, help="min-SNR-gamma weighting, e.g. 5")

@@ -1,0 +1,296 @@
+"""Speed, side by side: ours against the reference libraries (transformers, diffusers), in one process,
+on the same weights and the same inputs. Each row: warm-ups, then ours and the reference in turns
+(ours, ref, ours, ref, ...) so that a drift of the machine hits both, and the median of each.
+
+    python bench.py                      # CPU fp32, moderately sized random models (a few minutes)
+    python bench.py --quick              # small models, few repeats (under a minute)
+    python bench.py --device cuda --real-shapes --compile   # bf16: Vicuna-7B, CLIP ViT-L/14, SD 2.1-base 512 px
+
+The reference models are built at random from our configs, and ours take their state dicts
+(strict: every key). On CUDA it also reports achieved TFLOP/s (FLOPs counted by torch's
+FlopCounterMode on ours: matmuls, convolutions, attention), MFU against --peak-tflops, and peak memory.
+The DreamLLM training step has no reference: only ours is timed.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import clip
+import dreamllm
+import llama
+import train
+import unet
+
+try:
+    import transformers
+except ImportError:
+    transformers = None
+try:
+    import diffusers
+except ImportError:
+    diffusers = None
+
+# the sizes of each mode: (LLaMA config, prompt length, new tokens), CLIP vision tower, (UNet, VAE, latent
+# size, DDIM steps), DreamLLM (n_queries, image size, batch)
+SIZES = {
+    "quick": dict(llm=(llama.LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1024, hidden_dim=344),
+                       64, 8),
+                  clip=clip.TowerConfig(width=64, n_layers=2, n_heads=4, mlp_width=256, patch_size=8, image_size=64),
+                  sd=(unet.UNetConfig(channels=(32, 64), cross_attn=(True, False), n_heads=(2, 4), context_dim=64,
+                                      linear_proj=True, norm_groups=8, layers_per_block=1),
+                      unet.VAEConfig(channels=(32, 64), norm_groups=8, layers_per_block=1), 16, 3),
+                  dream=(4, 32, 2), repeats=3),
+    "default": dict(llm=(llama.LlamaConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=32000,
+                                           hidden_dim=1376), 256, 32),
+                    clip=clip.TowerConfig(width=384, n_layers=6, n_heads=6, mlp_width=1536, patch_size=14,
+                                          image_size=224),
+                    sd=(unet.UNetConfig(channels=(64, 128, 256), cross_attn=(True, True, False), n_heads=(2, 4, 8),
+                                        context_dim=256, linear_proj=True, norm_groups=32),
+                        unet.VAEConfig(channels=(64, 128, 128, 128), norm_groups=32), 32, 10),
+                    dream=(16, 128, 2), repeats=7),
+    "real": dict(llm=(llama.PRESETS["vicuna-7b"], 512, 128),
+                 clip=clip.PRESETS["clip-vit-large-patch14"].vision,
+                 sd=(unet.PRESETS["sd-2.1-base"]["unet"], unet.PRESETS["sd-2.1-base"]["vae"], 64, 50),
+                 dream=(64, 512, 1), repeats=5),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):  # seconds of one call, and its peak memory (CUDA)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+def flops_of(fn):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+COMPILE = False  # --compile
+
+
+def ours_ready(model, part=None):  # eval mode; with --compile, torch.compile'd in place (Module.compile)
+    if COMPILE:  # `part`: the submodule whose forward is what we call (CLIP's vision tower, the VAE's decoder)
+        (getattr(model, part) if part else model).compile()
+    return model.eval()
+
+
+def copy_weights(ours, ref, prefix=""):
+    # the reference's weights into ours; their names are the official checkpoints', so they must all match
+    # (transformers 5's CLIPVisionModel holds its tower without the file's "vision_model." prefix)
+    state = {k if k.startswith(prefix) else prefix + k: v for k, v in ref.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.endswith(("position_ids", "inv_freq"))]  # buffers we compute
+    assert not missing and not unexpected, (missing[:3], unexpected[:3])
+    return ours
+
+
+# ------------------------------------------------------------------------------------------------- rows
+# Each returns [(name, ours_fn, ref_fn or None, note)]: functions of no arguments that run one case.
+
+def llama_rows(size, device, dtype, g):
+    cfg, T, new = size["llm"]
+    with torch.device(device):  # built in place: a 7B model never passes through the CPU
+        ours = ours_ready(llama.build(cfg).to(dtype))
+    ids = torch.randint(0, cfg.vocab_size, (1, T), generator=g).to(device)
+    prompt = ids[:, :16]  # decoding: a short prompt, then `new` tokens
+    ref = None
+    if transformers:
+        with torch.device(device):
+            ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf())).to(dtype).eval()
+        copy_weights(ours, ref)
+        ref.generation_config.eos_token_id = None
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    return [
+        (f"LLaMA prefill ({T} tokens)", lambda: ours(ids, cache=ours.new_cache()),
+         ref and (lambda: ref(ids, use_cache=True)), "with a KV cache, logits of every position"),
+        (f"LLaMA decode, per token ({new})", lambda: ours.generate(prompt, new),
+         ref and (lambda: ref.generate(prompt, **kw)), f"generate: 16-token prompt + {new} greedy tokens, / {new}"),
+        (f"LLaMA decode, static cache", lambda: ours.generate(prompt, new, static_cache=True),
+         ref and (lambda: ref.generate(prompt, **kw)), "ours: StaticKVCache; ref: its default DynamicCache"),
+    ], new
+
+
+def clip_rows(size, device, dtype, g):
+    v = size["clip"]
+    cfg = clip.CLIPConfig(vision=v, text=None, projection_dim=None)
+    ours = ours_ready(clip.build(cfg).to(device, dtype), "vision_model")
+    px = torch.randn(4, 3, v.image_size, v.image_size, generator=g).to(device, dtype)
+    ref = None
+    if transformers:
+        ref = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**cfg.vision.to_hf(text=False)))
+        ref = ref.to(device, dtype).eval()
+        copy_weights(ours, ref, prefix="vision_model.")
+    return [("CLIP image encoding (4 images)", lambda: ours.image_features(px, layer=-1),
+             ref and (lambda: ref(pixel_values=px).last_hidden_state), "every layer")]
+
+
+def sd_rows(size, device, dtype, g):
+    ucfg, vcfg, h, steps = size["sd"]
+    with torch.device(device):
+        ours_u, ours_v = ours_ready(unet.build_unet(ucfg).to(dtype)), ours_ready(unet.build_vae(vcfg).to(dtype), "decoder")
+    z = torch.randn(2, 4, h, h, generator=g).to(device, dtype)  # a CFG batch: (null, cond)
+    ctx = torch.randn(2, 77, ucfg.context_dim, generator=g).to(device, dtype)
+    sched_cfg = unet.PRESETS["sd-2.1-base"]["scheduler"]
+    ref_u = ref_v = ref_sched = None
+    if diffusers:
+        def strip(d):
+            return {k: v for k, v in d.items() if k[0] != "_"}
+        def place(m):  # (diffusers warns about .to(dtype) even when it changes nothing)
+            return (m.to(device) if dtype == torch.float32 else m.to(device, dtype)).eval()
+        ref_u = place(diffusers.UNet2DConditionModel(**strip(ucfg.to_diffusers())))
+        ref_v = place(diffusers.AutoencoderKL(**strip(vcfg.to_diffusers())))
+        copy_weights(ours_u, ref_u)
+        copy_weights(ours_v, ref_v)
+        ref_sched = diffusers.DDIMScheduler.from_config(sched_cfg)
+    latent = z[:1] / ours_v.scaling_factor
+
+    def ddim_ours():
+        s = unet.DDIM(sched_cfg)
+        s.set_timesteps(steps)
+        x = z[:1]
+        for t in s.timesteps:
+            null, cond = ours_u(torch.cat([x, x]), t, ctx).chunk(2)
+            x = s.step(null + 7.5 * (cond - null), t, x)
+        return x
+
+    def ddim_ref():
+        ref_sched.set_timesteps(steps)
+        x = z[:1]
+        for t in ref_sched.timesteps:
+            null, cond = ref_u(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
+            x = ref_sched.step(null + 7.5 * (cond - null), t, x).prev_sample
+        return x
+
+    z_cl = z.contiguous(memory_format=torch.channels_last)
+    ours_cl = ours_ready(unet.build_unet(ucfg).to(device, dtype))
+    ours_cl.load_state_dict(ours_u.state_dict())
+    ours_cl.to(memory_format=torch.channels_last)
+    return [
+        (f"UNet step (2 x {h}x{h} latents)", lambda: ours_u(z, 999, ctx),
+         ref_u and (lambda: ref_u(z, 999, encoder_hidden_states=ctx).sample), "a CFG batch, 77 context tokens"),
+        ("UNet step, ours channels-last", lambda: ours_cl(z_cl, 999, ctx), lambda: ours_u(z, 999, ctx),
+         "reference column: ours contiguous"),
+        (f"VAE decode ({h}x{h} latent)", lambda: ours_v.decode(latent),
+         ref_v and (lambda: ref_v.decode(latent).sample), ""),
+        (f"DDIM sampling ({steps} steps, CFG)", ddim_ours, ref_u and ddim_ref, "UNet loop + scheduler, no VAE"),
+    ]
+
+
+def dream_row(size, device, dtype):
+    # one step of stage I-creation as train.py takes it: forward, backward, clip, AdamW; frozen parts in
+    # bf16 on CUDA, the LLM checkpointed
+    K, S, B = size["dream"]
+    cfg, *_ = size["llm"]
+    ucfg, vcfg, *_ = size["sd"]
+    v = size["clip"]
+    with torch.device(device):
+        vision = clip.build(clip.CLIPConfig(vision=v, text=None, projection_dim=None))
+        model = dreamllm.DreamLLM(llama.build(cfg), vision,
+                                  unet.build_unet(ucfg), unet.build_vae(vcfg), unet.PRESETS["sd-2.1-base"]["scheduler"],
+                                  dreamllm.byte_tokenizer(), dreamllm.DreamConfig(n_queries=K, image_size=S))
+    model.llm.gradient_checkpointing = device.type == "cuda"
+    args = argparse.Namespace(lr=1e-4, weight_decay=0.0)
+    params, opt = train.make_optimizer(model, train.STAGES["I-creation"]["groups"], args)
+    if device.type == "cuda":
+        train.cast_frozen(model, torch.bfloat16)
+    batch = model.collate([train.shapes_example("t2i", 0, e) for e in range(B)])
+
+    def step():
+        with train.autocast(device):
+            loss = model(batch, torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [(f"DreamLLM training step (stage I, {B} docs)", step, None, "ours only: no reference exists")], model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+    p.add_argument("--quick", action="store_true", help="small models, 3 repeats: under a minute on a laptop CPU")
+    p.add_argument("--real-shapes", action="store_true", help="the real sizes (for a GPU): Vicuna-7B, CLIP ViT-L/14, "
+                   "SD 2.1-base at 512 px, DreamLLM-7B's training step")
+    p.add_argument("--compile", action="store_true", help="torch.compile ours (Module.compile, in place)")
+    p.add_argument("--repeats", type=int, help="timed runs of each side per row (default: the mode's)")
+    parts = ["llama", "clip", "sd", "dream"]
+    p.add_argument("--only", nargs="+", choices=parts, default=parts, help="these rows only")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a loaded machine use fewer)")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak, for MFU (H200: 790)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = SIZES["real" if args.real_shapes else "quick" if args.quick else "default"]
+    repeats = args.repeats or size["repeats"]
+    global COMPILE
+    COMPILE = args.compile
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    missing = [name for name, lib in (("transformers", transformers), ("diffusers", diffusers)) if lib is None]
+    print(f"bench: {device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {'real shapes' if args.real_shapes else 'quick' if args.quick else 'default'} "
+          f"sizes, median of {repeats}" + (f"; {', '.join(missing)} not installed: ours only" if missing else ""))
+    g = torch.Generator().manual_seed(0)
+    header = f"{'':44s} {'ours ms':>10s} {'ref ms':>10s} {'ours/ref':>9s}"
+    if device.type == "cuda":
+        header += f" {'TFLOP/s':>8s} {'MFU':>6s} {'GiB ours':>9s} {'GiB ref':>8s}"
+    print(header + "  note")
+    for part in args.only:
+        per = 1
+        with torch.no_grad() if part != "dream" else torch.enable_grad():
+            if part == "llama":
+                rows, per = llama_rows(size, device, dtype, g)
+            elif part == "clip":
+                rows = clip_rows(size, device, dtype, g)
+            elif part == "sd":
+                rows = sd_rows(size, device, dtype, g)
+            else:
+                rows, _ = dream_row(size, device, dtype)
+            for name, ours, ref, note in rows:
+                for _ in range(2):  # warm-ups: allocator, caches, compilation
+                    ours()
+                    ref and ref()
+                t_ours, t_ref, m_ours, m_ref = [], [], 0, 0
+                for _ in range(repeats):  # in turns, so that machine drift hits both sides alike
+                    t, m = timed(ours, device)
+                    t_ours.append(t)
+                    m_ours = max(m_ours, m)
+                    if ref:
+                        t, m = timed(ref, device)
+                        t_ref.append(t)
+                        m_ref = max(m_ref, m)
+                div = per if "decode" in name else 1
+                a = statistics.median(t_ours) / div
+                b = statistics.median(t_ref) / div if ref else None
+                line = f"{name:44s} {a * 1e3:10.2f} " + \
+                    (f"{b * 1e3:10.2f} {a / b:9.2f}" if b else f"{'-':>10s} {'-':>9s}")
+                if device.type == "cuda":
+                    tflops = flops_of(ours) / div / a / 1e12
+                    line += f" {tflops:8.1f} {tflops / args.peak_tflops:6.1%} {m_ours / 2**30:9.2f} " + \
+                            (f"{m_ref / 2**30:8.2f}" if ref else f"{'-':>8s}")
+                print(line + (f"  {note}" if note else ""), flush=True)
+            del rows
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

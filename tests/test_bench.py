@@ -1,0 +1,30 @@
+"""bench.py --quick runs end to end and prints its table with a ratio column. (No timing assertions:
+speed is what bench.py reports, not what a test on a shared CPU can promise.)"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_prints_a_table_with_ratios():
+    r = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert "ours/ref" in lines[1]
+    rows = {line[:44].strip(): line[44:].split() for line in lines[2:] if line.strip()}
+    for name in ["LLaMA prefill", "LLaMA decode, per token", "LLaMA decode, static cache", "CLIP image encoding",
+                 "UNet step", "VAE decode", "DDIM sampling"]:
+        (row,) = [v for k, v in rows.items() if k.startswith(name + " (") or k == name]
+        ours, ref, ratio = (float(x) for x in row[:3])  # every compared row has both timings and their ratio
+        assert ours > 0 and ref > 0 and abs(ratio - ours / ref) < 0.01 + 0.01 * ratio, row
+    (train_row,) = [v for k, v in rows.items() if k.startswith("DreamLLM training step")]
+    assert float(train_row[0]) > 0 and train_row[1:3] == ["-", "-"]  # ours only
+
+
+def test_help():
+    r = subprocess.run([sys.executable, "bench.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--real-shapes" in r.stdout and "--quick" in r.stdout

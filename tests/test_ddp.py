@@ -1,0 +1,113 @@
+"""Speed and scale, on the CPU: torchrun with 2 processes (gloo) gives the losses and weights of one
+process on the same global batch, plain data parallel and FSDP; the static KV cache gives what the
+dynamic one gives; activation checkpointing gives the same loss and gradients."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dreamllm
+import llama
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+torchrun_ok = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="torch without gloo")
+
+
+def train(out, *extra, procs=1):
+    launcher = [sys.executable] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    args = ["train.py", "--preset", "tiny", "--device", "cpu", "--steps", "3", "--batch-size", "4",
+            "--log-every", "1", "--out", str(out), *extra]
+    r = subprocess.run(launcher + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
+    return r.stdout, json.loads((out / "config.json").read_text())["losses"], load_file(out / "model.safetensors")
+
+
+@torchrun_ok
+@pytest.mark.parametrize("extra", [[], ["--stage", "II", "--lr", "1e-3", "--fsdp"]], ids=["data-parallel", "fsdp"])
+def test_two_processes_equal_one(tmp_path, extra):
+    one_out, one, w1 = train(tmp_path / "one", *[a for a in extra if a != "--fsdp"])
+    two_out, two, w2 = train(tmp_path / "two", *extra, procs=2)
+    assert "x 2 processes" in two_out and two_out.count("done: 3 steps") == 1  # process 0 alone speaks
+    for k in one:  # the step-3 losses: the processes' shares sum to the global batch's
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), (k, one, two)
+    assert w1.keys() == w2.keys()
+    for k in w1:  # three AdamW steps later, the same weights
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), (k, (w1[k] - w2[k]).abs().max())
+    assert not torch.equal(w1["dream_queries"], dreamllm.build("tiny").dream_queries.detach())  # it trained
+
+
+def test_per_image_generators_make_an_images_draws_independent_of_its_batch():
+    model = dreamllm.build("tiny", lm_weight=0.0, cond_dropout=0.3)
+    docs = [(f"a {c} circle <image>", [img]) for c, img in
+            zip(["red", "blue", "green"], [dreamllm.Image.new("RGB", (64, 64), c) for c in ["red", "blue", "green"]])]
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    with torch.no_grad():
+        whole = model(model.collate(docs), gens())["diffusion"]
+        g = gens()
+        parts = [model(model.collate(docs[:1]), g[:1])["diffusion"], model(model.collate(docs[1:]), g[1:])["diffusion"]]
+        other = model(model.collate(docs), [torch.Generator().manual_seed(7 + i) for i in range(3)])["diffusion"]
+    assert torch.allclose(whole, (parts[0] + 2 * parts[1]) / 3, rtol=1e-5)  # the mean over images
+    assert not torch.allclose(whole, other)  # and the draws do come from those generators
+
+
+def test_static_cache_equals_the_dynamic_cache():
+    torch.manual_seed(0)
+    model = llama.build("tiny").eval()
+    for p in model.parameters():  # larger weights: a wrong mask or slot shows in the tokens
+        torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(0, 256, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = mask[1, :1] = 0  # left padding
+    dynamic = model.generate(ids, 24, attention_mask=mask)
+    static = model.generate(ids, 24, attention_mask=mask, static_cache=True)
+    assert torch.equal(dynamic, static) and len(set(dynamic[2].tolist())) > 3
+    with torch.no_grad():  # and logits step by step, a prompt then single tokens, against no cache at all
+        full = model(ids)
+        cache = model.new_cache(max_len=12)
+        steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)]
+        assert len(cache) == 9 and cache.k[0].shape == (3, 2, 12, 16)
+        assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+        model(ids[:, :3], cache=cache)
+        with pytest.raises(ValueError, match="static KV cache full"):
+            model(ids[:, :1], cache=cache)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    model = dreamllm.build("tiny", cond_dropout=0.5)
+    model.llm.requires_grad_(True)
+    batch = model.collate([("a red circle <image>", [dreamllm.Image.new("RGB", (64, 64), "red")]),
+                           ("just text", [])])
+    results = []
+    for on in (False, True):
+        model.llm.gradient_checkpointing = on
+        model.zero_grad(set_to_none=True)
+        out = model(batch, torch.Generator().manual_seed(3))
+        out["loss"].backward()
+        results.append((out["loss"].detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                                               if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 20
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_checkpointing_really_recomputes(monkeypatch):
+    # the blocks' forward runs again during backward when checkpointing is on, and only then
+    model = llama.build("tiny")
+    calls = []
+    forward = llama.Block.forward
+    monkeypatch.setattr(llama.Block, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    ids = torch.randint(0, 256, (2, 7))
+    for on, expected in ((False, 2), (True, 4)):
+        calls.clear()
+        model.gradient_checkpointing = on
+        model(ids).sum().backward()
+        assert len(calls) == expected
