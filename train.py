@@ -44,7 +44,7 @@ import data
 import dreamllm
 from checkpoint import CheckpointError
 
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "toy"  # the shapes world: what `python train.py` trains (weights/toy/)
 # The official stages (DreamLLM sec. 3.2 and its code); `mix` cycles over kinds of shapes-world example.
 # "new_tokens" are the embedding (and lm_head) rows of <dream_start> & co.: a frozen LLM must still
 # learn to write <dream_start>, so stage I trains those rows only, as LLaVA does.
@@ -445,7 +445,7 @@ def parse_args(argv=None):
     p = Parser(description="Train DreamLLM (a stage of it) and checkpoint it.", formatter_class=Help)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=[k for k in dreamllm.PRESETS], help="the backbones")
     p.add_argument("--stage", default="I-creation", choices=list(STAGES), help="what trains, with which losses")
-    p.add_argument("--steps", type=int, default=200, help="the run's length: the lr schedule spans it")
+    p.add_argument("--steps", type=int, default=600, help="the run's length: the lr schedule spans it")
     p.add_argument("--stop-after", type=int, help="checkpoint and exit after this step, as an interruption would")
     p.add_argument("--batch-size", type=int, default=8, help="documents per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")

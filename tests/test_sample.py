@@ -117,12 +117,12 @@ def test_eval_judges_the_images_it_writes(tmp_path, monkeypatch, capsys):
         scene = data.Scene((data.Shape(colour, shape, "large", "in the middle"),))
         return [data.draw(scene)] * n
     monkeypatch.setattr(sample.dreamllm.DreamLLM, "text_to_image", drawn)
-    sample.main(["--untrained", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
+    sample.main(["--untrained", "--preset", "tiny", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert (report["colour_accuracy"], report["shape_accuracy"], report["vqa_accuracy"]) == (1.0, 1.0, None)
     monkeypatch.setattr(sample.dreamllm.DreamLLM, "text_to_image",
                         lambda self, prompt, n, **kw: [Image.new("RGB", (64, 64), data.BACKGROUND)] * n)
-    sample.main(["--untrained", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
+    sample.main(["--untrained", "--preset", "tiny", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert (report["colour_accuracy"], report["shape_accuracy"]) == (0.0, 0.0)
 
