@@ -33,12 +33,7 @@ K = 8
 N = 500  # SentencePiece pieces (the corpus needs ~360 characters and bytes)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def bf16(state, prefix=""):

@@ -18,16 +18,8 @@ import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--log-every", "1"]
-# one thread: on a 2-core machine shared with other work, torch's default two threads thrash
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses too run on one thread (see conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def run(*args):
@@ -160,10 +152,11 @@ def test_ctrl_c_saves_then_exits_nonzero_and_the_run_resumes(tmp_path, monkeypat
             signal.raise_signal(signal.SIGINT)
         return forward(self, batch, generator)
     monkeypatch.setattr(dreamllm.DreamLLM, "forward", interrupting)
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
     line = fails(FAST + ["--steps", "4", "--out", str(tmp_path)], capsys, code=130)
     assert "interrupted" in line and "--resume" in line
     assert step_of(tmp_path) == (2, 2, 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
     train.main(FAST + ["--steps", "4", "--out", str(tmp_path), "--resume"])
     assert step_of(tmp_path) == (4, 4, 4)
 
