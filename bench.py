@@ -222,17 +222,17 @@ def dream_row(size, device, dtype):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
+                                formatter_class=argparse.HelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (fp32, the default) or cuda (bf16)")
     p.add_argument("--quick", action="store_true", help="small models, 3 repeats: under a minute on a laptop CPU")
     p.add_argument("--real-shapes", action="store_true", help="the real sizes (for a GPU): Vicuna-7B, CLIP ViT-L/14, "
                    "SD 2.1-base at 512 px, DreamLLM-7B's training step")
     p.add_argument("--compile", action="store_true", help="torch.compile ours (Module.compile, in place)")
     p.add_argument("--repeats", type=int, help="timed runs of each side per row (default: the mode's)")
     parts = ["llama", "clip", "sd", "dream"]
-    p.add_argument("--only", nargs="+", choices=parts, default=parts, help="these rows only")
+    p.add_argument("--only", nargs="+", choices=parts, default=parts, help="these rows only (default: all)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a loaded machine use fewer)")
-    p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak, for MFU (H200: 790)")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak, for MFU (default: 790, the H200's)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.threads:
