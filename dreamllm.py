@@ -346,7 +346,7 @@ class DreamLLM(nn.Module):
         dtype = self.unet.conv_in.weight.dtype
         # one UNet batch for both branches: (null, cond); guidance 1 needs the conditional one only
         cond = context if guidance == 1 else torch.cat([self.null_condition().expand(n, -1, -1), context])
-        for t in tqdm(sched.timesteps, desc="dreaming", disable=not progress, leave=False):
+        for t in tqdm(sched.timesteps, desc="dreaming", disable=None if progress else True, leave=False):
             out = self.unet((z if guidance == 1 else torch.cat([z, z])).to(dtype), t, cond.to(dtype)).float()
             if guidance != 1:
                 null, conditional = out.chunk(2)

@@ -119,7 +119,7 @@ def load_official(folder, device="cpu", dtype=torch.bfloat16, clip_config="clip-
     select_layer, tokenizer = _plugin_config(folder, hf), _tokenizer(folder)
 
     state = {}
-    for name, prefixes in tqdm(LAYOUT.items(), desc="reading", unit="file", leave=False):
+    for name, prefixes in tqdm(LAYOUT.items(), desc="reading", unit="file", leave=False, disable=None):
         state |= _read(folder / name, prefixes, dtype, device)
     if "dream_queries" in state and state["dream_queries"].ndim == 3:
         state["dream_queries"] = state["dream_queries"][0]  # (1, K, D) -> (K, D)
@@ -205,7 +205,7 @@ class StableDiffusion:
         sched.set_timesteps(steps)
         h = image_size // 2 ** (len(self.vae.config.channels) - 1)
         z = _randn(torch.empty(num_images, self.vae.config.latent_channels, h, h, device=self.device), generator)
-        for t in tqdm(sched.timesteps, desc="plain SD", disable=not progress, leave=False):
+        for t in tqdm(sched.timesteps, desc="plain SD", disable=None if progress else True, leave=False):
             null_out, cond_out = self.unet(torch.cat([z, z]).to(self.dtype), t, context).float().chunk(2)
             z = sched.step(null_out + guidance * (cond_out - null_out), t, z, generator=generator)  # CFG
         return to_pil(self.vae.decode((z / self.vae.scaling_factor).to(self.dtype)))

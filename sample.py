@@ -100,7 +100,7 @@ def evaluate(model, run, args, sampling, out):
     # text -> image on held-out prompts, judged by the shapes world's analyser; toy VQA on held-out
     # images when the visual projector was trained
     n, rows, per_prompt = args.eval_images, [], {}
-    for prompt, colour, shape in tqdm(data.eval_prompts(), desc="eval prompts", unit="prompt"):
+    for prompt, colour, shape in tqdm(data.eval_prompts(), desc="eval prompts", unit="prompt", disable=None):
         images = model.text_to_image(prompt, n, **sampling)
         seen = [data.analyse(im) for im in images]
         per_prompt[prompt] = dict(colour=sum(c == colour for c, _ in seen) / n,
@@ -114,7 +114,7 @@ def evaluate(model, run, args, sampling, out):
         print(f"{prompt:<20} {p['colour']:>7.2f} {p['shape']:>7.2f} {p['both']:>7.2f}")
     if run is not None and "visual_projector" in run["groups"]:
         right = 0
-        for i in tqdm(range(args.eval_questions), desc="toy VQA", unit="question"):
+        for i in tqdm(range(args.eval_questions), desc="toy VQA", unit="question", disable=None):
             scene, question, answer = data.question_example(args.seed, i, split="eval")
             reply = model.answer(data.draw(scene), question, max_new_tokens=args.max_new_tokens, progress=False)
             right += reply.rstrip(".").strip() == answer

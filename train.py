@@ -376,7 +376,7 @@ def train(args):
     say(f"stage {args.stage}: training {', '.join(stage['groups'])} ({n:,} parameters) of preset {args.preset} "
         f"on {device}{f' x {world} processes' if world > 1 else ''}, steps {step}..{args.steps}, into {out}")
     bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step", dynamic_ncols=True,
-               disable=rank > 0)
+               disable=True if rank > 0 else None)  # None: no bar into a log file; the step lines remain
     lo, hi = args.batch_size * rank // world, args.batch_size * (rank + 1) // world  # this process's slice
     t0, first = time.perf_counter(), step
     try:

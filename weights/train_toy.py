@@ -96,7 +96,7 @@ def fit(desc, params, recipe, loss_fn, scale=1.0):
     lr_at = lambda i: recipe["lr"] * (min(1.0, (i + 1) / warmup) *
                                       (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, i / steps)))))
     smooth = None
-    with tqdm(range(steps), desc=desc, unit="step") as bar:
+    with tqdm(range(steps), desc=desc, unit="step", disable=None) as bar:
         for i in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(i)
