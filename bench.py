@@ -120,7 +120,7 @@ def llama_rows(size, device, dtype, g):
          ref and (lambda: ref(ids, use_cache=True)), "with a KV cache, logits of every position"),
         (f"LLaMA decode, per token ({new})", lambda: ours.generate(prompt, new),
          ref and (lambda: ref.generate(prompt, **kw)), f"generate: 16-token prompt + {new} greedy tokens, / {new}"),
-        (f"LLaMA decode, static cache", lambda: ours.generate(prompt, new, static_cache=True),
+        ("LLaMA decode, static cache", lambda: ours.generate(prompt, new, static_cache=True),
          ref and (lambda: ref.generate(prompt, **kw)), "ours: StaticKVCache; ref: its default DynamicCache"),
     ], new
 

@@ -284,13 +284,21 @@ class DreamLLM(nn.Module):
         t = torch.randint(0, self.noise_scheduler.num_train_timesteps, (n,), generator=generator, device=gdev)
         return drop, post, eps, t
 
+    def condition(self, prompt=""):
+        # BOS + prompt + a forced dream slot -> the K queries' final hidden states, projected: (1, K, C).
+        # The separator: training documents read "caption <image>" and the tokenizer splits at <image>; the
+        # official model's captions were followed by the dream slot directly (its caption_sep is "").
+        # Differentiable: training uses it for the null condition.
+        t, K = self.token_id, self.config.n_queries
+        text = prompt.rstrip() + self.prompts.caption_sep if prompt.strip() else ""
+        ids = self.encode_document(text, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
+        h = self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
+        return self.condition_projector(h)
+
     def null_condition(self):
         # The CFG null, (1, K, C): the dream queries after an empty prompt, BOS <dream_start>. (<dream_end>
-        # comes after the queries, so under causal attention it cannot change them.) Differentiable.
-        t, K = self.token_id, self.config.n_queries
-        ids = torch.tensor([[self.bos_id, t["<dream_start>"]] + [t["<im_patch>"]] * K], device=self.device)
-        h = self.llm.hidden_states(inputs_embeds=self.embed(ids))  # (1, 2 + K, D)
-        return self.condition_projector(h[:, 2:])
+        # comes after the queries, so under causal attention it cannot change them.)
+        return self.condition("")
 
     def trainable_groups(self):
         # what a training stage may choose to train; CLIP, the VAE and the UNet are in none.
@@ -337,23 +345,10 @@ class DreamLLM(nn.Module):
 
     @torch.no_grad()
     def sample_images(self, context, steps=50, guidance=7.5, sampler="ddim", generator=None, progress=True):
-        # context (n, K, C) -> n PIL images, by DDIM or DDPM with classifier-free guidance
-        n, vae = len(context), self.vae
-        sched = {"ddim": DDIM, "ddpm": DDPM}[sampler](self.scheduler_config)
-        sched.set_timesteps(steps)
-        h = self.config.image_size // 2 ** (len(vae.config.channels) - 1)  # the VAE halves per level but the last
-        z = _randn(torch.empty(n, vae.config.latent_channels, h, h, device=self.device), generator)  # z_T ~ N(0, I)
-        dtype = self.unet.conv_in.weight.dtype
-        # one UNet batch for both branches: (null, cond); guidance 1 needs the conditional one only
-        cond = context if guidance == 1 else torch.cat([self.null_condition().expand(n, -1, -1), context])
-        for t in tqdm(sched.timesteps, desc="dreaming", disable=None if progress else True, leave=False):
-            out = self.unet((z if guidance == 1 else torch.cat([z, z])).to(dtype), t, cond.to(dtype)).float()
-            if guidance != 1:
-                null, conditional = out.chunk(2)
-                out = null + guidance * (conditional - null)  # CFG (Ho & Salimans 2022)
-            z = sched.step(out, t, z, generator=generator)
-        images = vae.decode((z / vae.scaling_factor).to(vae.quant_conv.weight.dtype))  # (n, 3, S, S), about [-1, 1]
-        return to_pil(images)
+        # context (n, K, C) -> n PIL images: the frozen SD draws them, the null condition for CFG
+        null = None if guidance == 1 else self.null_condition()
+        return sample_cfg(self.unet, self.vae, self.scheduler_config, context, null, self.config.image_size,
+                          steps, guidance, sampler, generator, progress)
 
     @torch.no_grad()
     def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5, steps=50,
@@ -405,14 +400,8 @@ class DreamLLM(nn.Module):
 
     @torch.no_grad()
     def text_to_image(self, prompt, num_images=1, **sampling):
-        # BOS + prompt + " " + a forced dream slot; one condition, num_images noises (batched)
-        # (the space: training documents read "caption <image>", and the tokenizer splits at <image>;
-        # the official model's captions were followed by the dream slot directly: its caption_sep is "")
-        t, K = self.token_id, self.config.n_queries
-        text = prompt.rstrip() + self.prompts.caption_sep if prompt.strip() else ""
-        ids = self.encode_document(text, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
-        h = self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
-        return self.sample_images(self.condition_projector(h).expand(num_images, -1, -1), **sampling)
+        # one condition, num_images noises (batched)
+        return self.sample_images(self.condition(prompt).expand(num_images, -1, -1), **sampling)
 
     def answer(self, image, question, **generate_kw):
         # image -> text: the document "<image> question" continued (data.py's Q&A form), no images written;
@@ -421,6 +410,28 @@ class DreamLLM(nn.Module):
         text = p.chat(p.question.format(question=question))
         segments = self.generate(text, [image], max_images=0, read_only=p.read_only_images, **generate_kw)
         return "".join(segments).strip()
+
+
+@torch.no_grad()
+def sample_cfg(denoiser, vae, scheduler_config, context, null, image_size, steps=50, guidance=7.5, sampler="ddim",
+               generator=None, progress=True, desc="dreaming"):
+    # Stable Diffusion's sampling loop, by DDIM or DDPM with classifier-free guidance (Ho & Salimans 2022):
+    # context (n, S, C) and the null condition (1, S, C) -> n PIL images. DreamLLM's conditions and plain
+    # SD's text features (official.py) both go through it. guidance 1: the conditional branch alone.
+    n = len(context)
+    sched = {"ddim": DDIM, "ddpm": DDPM}[sampler](scheduler_config)
+    sched.set_timesteps(steps)
+    h = image_size // 2 ** (len(vae.config.channels) - 1)  # the VAE halves per level but the last
+    z = _randn(torch.empty(n, vae.config.latent_channels, h, h, device=context.device), generator)  # z_T ~ N(0, I)
+    dtype = denoiser.conv_in.weight.dtype
+    cond = context if guidance == 1 else torch.cat([null.expand(n, -1, -1), context])  # one batch: (null, cond)
+    for t in tqdm(sched.timesteps, desc=desc, disable=None if progress else True, leave=False):
+        out = denoiser((z if guidance == 1 else torch.cat([z, z])).to(dtype), t, cond.to(dtype)).float()
+        if guidance != 1:
+            null_out, cond_out = out.chunk(2)
+            out = null_out + guidance * (cond_out - null_out)
+        z = sched.step(out, t, z, generator=generator)
+    return to_pil(vae.decode((z / vae.scaling_factor).to(vae.quant_conv.weight.dtype)))  # about [-1, 1]
 
 
 def _randn(like, generator):

@@ -30,8 +30,7 @@ import clip
 import llama
 import unet
 from checkpoint import CheckpointError, assign, read_config, read_state_dict
-from dreamllm import DreamConfig, DreamLLM, PromptFormat, to_pil, _randn
-from unet import DDIM, DDPM
+from dreamllm import DreamConfig, DreamLLM, PromptFormat, sample_cfg
 
 DOWNLOAD = "python -m weights.download dreamllm-7b-chat"
 # file -> {prefix in the file: prefix in our DreamLLM}. A key no prefix covers keeps its file's name in
@@ -200,12 +199,5 @@ class StableDiffusion:
                       progress=True, image_size=512):
         ids = self.tokenize(["", prompt]).to(self.device)
         null, cond = self.text_encoder.text_hidden_states(ids).to(self.dtype).chunk(2)  # (1, 77, C) each
-        context = torch.cat([null.expand(num_images, -1, -1), cond.expand(num_images, -1, -1)])
-        sched = {"ddim": DDIM, "ddpm": DDPM}[sampler](self.scheduler_config)
-        sched.set_timesteps(steps)
-        h = image_size // 2 ** (len(self.vae.config.channels) - 1)
-        z = _randn(torch.empty(num_images, self.vae.config.latent_channels, h, h, device=self.device), generator)
-        for t in tqdm(sched.timesteps, desc="plain SD", disable=None if progress else True, leave=False):
-            null_out, cond_out = self.unet(torch.cat([z, z]).to(self.dtype), t, context).float().chunk(2)
-            z = sched.step(null_out + guidance * (cond_out - null_out), t, z, generator=generator)  # CFG
-        return to_pil(self.vae.decode((z / self.vae.scaling_factor).to(self.dtype)))
+        return sample_cfg(self.unet, self.vae, self.scheduler_config, cond.expand(num_images, -1, -1), null,
+                          image_size, steps, guidance, sampler, generator, progress, desc="plain SD")
