@@ -284,16 +284,18 @@ class DreamLLM(nn.Module):
         t = torch.randint(0, self.noise_scheduler.num_train_timesteps, (n,), generator=generator, device=gdev)
         return drop, post, eps, t
 
-    def condition(self, prompt=""):
-        # BOS + prompt + a forced dream slot -> the K queries' final hidden states, projected: (1, K, C).
+    def dream_states(self, prompt=""):
+        # BOS + prompt + a forced dream slot -> the K queries' final hidden states (1, K, D).
         # The separator: training documents read "caption <image>" and the tokenizer splits at <image>; the
         # official model's captions were followed by the dream slot directly (its caption_sep is "").
-        # Differentiable: training uses it for the null condition.
         t, K = self.token_id, self.config.n_queries
         text = prompt.rstrip() + self.prompts.caption_sep if prompt.strip() else ""
         ids = self.encode_document(text, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
-        h = self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
-        return self.condition_projector(h)
+        return self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
+
+    def condition(self, prompt=""):
+        # the dream queries' states, projected: (1, K, C). Differentiable: training uses it for the null.
+        return self.condition_projector(self.dream_states(prompt))
 
     def null_condition(self):
         # The CFG null, (1, K, C): the dream queries after an empty prompt, BOS <dream_start>. (<dream_end>

@@ -65,7 +65,7 @@ STAGES = {
 }
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "data", "init",
-            "target", "min_snr_gamma", "cond_dropout", "diffusion_weight", "lm_weight")
+            "target", "min_snr_gamma", "cond_dropout", "diffusion_weight", "lm_weight", "no_whiten")
 
 
 class Stop(Exception):  # a one-line error for the user, no traceback
@@ -181,7 +181,7 @@ def cast_frozen(model, dtype):
             p.data = p.data.to(dtype)
 
 
-def make_optimizer(model, groups, args):
+def make_optimizer(model, groups, args, whitening=None):
     # Only the stage's groups train. AdamW; no weight decay on the dream queries, the new token rows,
     # biases and norms. New rows without the LLM: the gradient of the old rows is zeroed, so (with no
     # decay) Adam leaves them bit-identical.
@@ -200,10 +200,46 @@ def make_optimizer(model, groups, args):
         for p in by_group["new_tokens"]:
             keep = (torch.arange(p.shape[0], device=p.device) >= model.n_text_vocab)[:, None]  # (V, 1)
             p.register_hook(lambda grad, keep=keep: grad * keep)
+    if whitening:  # AdamW steps W' in the projector's place (W gets the gradient, then hands it to W')
+        params = [whitening.prime if p is whitening.weight else p for p in params]
     decay = [p for p in params if id(p) not in no_decay]
     return params, torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                                       dict(params=[p for p in params if id(p) in no_decay], weight_decay=0.0)],
                                      lr=args.lr, betas=(0.9, 0.95))
+
+
+class Whitening:
+    """Trains the condition projector W (C, D) in whitened coordinates: AdamW steps W' and W = W' Z, with
+    Z = (E[h h^T] + eps)^(-1/2) over the dream queries' states h after the run's first prompts, measured
+    once at the start with the LLM frozen. W stays one linear map, saved as the release's projector.
+    Why: a frozen LLM's states at the query positions are nearly parallel (in the toy, the prompt moves
+    them by 16% of their norm; the rest is the same for every prompt), and AdamW, which scales each entry
+    of W alone, then learns the few directions that name a colour or a shape many times too slowly."""
+    N_PROMPTS = 256
+
+    def __init__(self, model, example, saved=None):
+        self.weight = model.condition_projector.weight  # (C, D)
+        if saved is None:  # the text before each example's first image: what a dream slot follows
+            with torch.no_grad():
+                h = torch.cat([model.dream_states(text.split(data.IMAGE_TOKEN)[0])[0].float()
+                               for text, _ in map(example, range(self.N_PROMPTS))])  # (N K, D)
+                e, V = torch.linalg.eigh(h.T @ h / len(h))
+                Z = V @ torch.diag((e.clamp(min=0) + 1e-6 * e.max()).rsqrt()) @ V.T  # (D, D)
+                Z = (Z + Z.T) / 2  # symmetric to the last bit, as grad_to_prime assumes
+            saved = {"Z": Z, "prime": self.weight.detach().float() @ torch.linalg.inv(Z)}
+        self.Z = saved["Z"].to(self.weight.device)
+        self.prime = torch.nn.Parameter(saved["prime"].to(self.weight.device))  # W', what AdamW steps
+
+    def state(self):  # saved with the optimizer's: resuming goes on from the same W' and Z
+        return {"whitening.Z": self.Z.cpu(), "whitening.prime": self.prime.detach().cpu()}
+
+    def grad_to_prime(self):  # dL/dW' = dL/dW Z^T (Z is symmetric)
+        self.prime.grad = self.weight.grad.float() @ self.Z
+
+    @torch.no_grad()
+    def update(self):  # after each optimizer step: W = W' Z
+        self.weight.copy_(self.prime @ self.Z)
+        self.weight.grad = None  # not the optimizer's, so not cleared by it
 
 
 # ---------------------------------------------------------------------------------- many processes
@@ -319,7 +355,11 @@ def train(args):
     model.llm.gradient_checkpointing = args.checkpointing
     n = sum(t.numel() for t in model.trained_state(stage["groups"]).values())
     units = shard_llm(model) if args.fsdp else []
-    params, opt = make_optimizer(model, stage["groups"], args)
+    whitening, opt_tensors = None, read_tensors(out / "train_state.safetensors", run["step"]) if run else {}
+    if "condition_projector" in stage["groups"] and "llm" not in groups and not args.no_whiten:
+        saved = {k.split(".", 1)[1]: opt_tensors.pop(k) for k in list(opt_tensors) if k.startswith("whitening.")}
+        whitening = Whitening(model, example, saved or None)
+    params, opt = make_optimizer(model, stage["groups"], args, whitening)
     if device.type == "cuda":
         cast_frozen(model, torch.bfloat16)
     if args.compile:  # in place (Module.compile), so parameter names and checkpoints stay the same
@@ -328,7 +368,7 @@ def train(args):
     step = 0
     if run:
         state, flat = {}, [p for g in opt.param_groups for p in g["params"]]  # "i.key" -> AdamW's {i: {key: t}}
-        for key, t in read_tensors(out / "train_state.safetensors", run["step"]).items():
+        for key, t in opt_tensors.items():
             i, name = key.split(".", 1)
             if hasattr(flat[int(i)], "device_mesh") and t.shape == flat[int(i)].shape:  # FSDP: this process's shard
                 from torch.distributed.tensor import distribute_tensor
@@ -351,6 +391,7 @@ def train(args):
             u.reshard()
         opt_state = {f"{i}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
                      for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+        opt_state |= whitening.state() if whitening else {}
         if rank == 0:
             write_atomically(out / "model.safetensors", lambda f: save_file(trained, str(f), meta))
             write_atomically(out / "train_state.safetensors", lambda f: save_file(opt_state, str(f), meta))
@@ -409,12 +450,16 @@ def train(args):
             totals = dict(zip(["loss", "lm", "diffusion", "interrupted"], all_sum(totals, world).tolist()))
             if not math.isfinite(totals["loss"]):  # every process sees the same sums: all stop together
                 raise Stop(f"step {step + 1}: the loss is {totals['loss']}; stopped ({kept()})")
+            if whitening:
+                whitening.grad_to_prime()
             sync_grads(params, world)
             norm = clip_grads(params, 1.0, world) if args.fsdp else torch.nn.utils.clip_grad_norm_(params, 1.0)
             if not torch.isfinite(norm):
                 raise Stop(f"step {step + 1}: the gradient norm is {norm.item()}; stopped ({kept()})")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if whitening:
+                whitening.update()
             step, losses = step + 1, {k: totals[k] for k in ("loss", "lm", "diffusion")}
             stop = totals.pop("interrupted") > 0  # any process's Ctrl-C stops them all, after the same step
             rate = (step - first) / (time.perf_counter() - t0)
@@ -452,6 +497,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default: 5%% of --steps, at most 100)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on weight matrices only")
+    p.add_argument("--no-whiten", action="store_true", help="train the condition projector as it is, not in "
+                   "whitened coordinates (see Whitening; stages with the LLM frozen whiten by default)")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu (fp32)")
     p.add_argument("--out", help="the run's folder (default: out/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

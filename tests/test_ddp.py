@@ -39,8 +39,9 @@ def test_two_processes_equal_one(tmp_path, extra):
     for k in one:  # the step-3 losses: the processes' shares sum to the global batch's
         assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7), (k, one, two)
     assert w1.keys() == w2.keys()
-    for k in w1:  # three AdamW steps later, the same weights
-        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), (k, (w1[k] - w2[k]).abs().max())
+    for k in w1:  # three AdamW steps later, the same weights (the whitened projector's W = W' Z carries
+        # the gradients' summation-order rounding through Z, whose largest gain is about 1e3: atol 1e-5)
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), (k, (w1[k] - w2[k]).abs().max())
     assert not torch.equal(w1["dream_queries"], dreamllm.build("tiny").dream_queries.detach())  # it trained
 
 

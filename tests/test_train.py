@@ -102,6 +102,33 @@ def test_frozen_modules_get_no_gradient_and_stay_bit_identical(stage, tmp_path, 
     assert model.n_text_vocab < model.llm.cfg.vocab_size
 
 
+def test_whitening_makes_the_projector_input_isotropic_and_keeps_w():
+    model = dreamllm.build("tiny")
+    w0 = model.condition_projector.weight.detach().clone()
+    example = lambda e: ((f"a {['red', 'blue', 'green'][e % 3]} {['circle', 'square'][e % 2]} <image>", [None]) if e % 5
+                         else ("<image> then text", [None]))  # noqa: E731: captions and, every 5th, the null
+    white = train.Whitening(model, example)
+    with torch.no_grad():
+        h = torch.cat([model.dream_states(example(e)[0].split(data.IMAGE_TOKEN)[0])[0] for e in range(white.N_PROMPTS)])
+    second_moment = white.Z @ (h.T @ h / len(h)) @ white.Z
+    top = torch.linalg.eigvalsh(second_moment)[-10:]  # the directions the states span come out with unit scale
+    assert torch.allclose(top, torch.ones_like(top), atol=1e-2), top
+    raw = torch.linalg.eigvalsh(h.T @ h / len(h))[-10:]
+    assert raw[-1] / raw[0] > 10  # and they did not before: one direction, the states' mean, dwarfs the rest
+    assert torch.allclose(white.prime @ white.Z, w0, atol=1e-4)  # a change of coordinates: W is where it was
+    assert torch.equal(white.Z, white.Z.T)
+
+
+def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
+    train.main(FAST + ["--steps", "2", "--out", str(tmp_path / "w")])
+    state, weights = load_file(tmp_path / "w" / "train_state.safetensors"), load_file(tmp_path / "w" / "model.safetensors")
+    assert torch.equal(state["whitening.prime"] @ state["whitening.Z"], weights["condition_projector.weight"])
+    train.main(FAST + ["--steps", "2", "--no-whiten", "--out", str(tmp_path / "plain")])
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert not any(k.startswith("whitening.") for k in load_file(tmp_path / "plain" / "train_state.safetensors"))
+    assert not torch.allclose(plain["condition_projector.weight"], weights["condition_projector.weight"])
+
+
 def test_new_token_rows_are_the_special_tokens():
     m = dreamllm.build("tiny")
     assert m.n_text_vocab == 256  # the tiny LLM's own vocabulary: one row per byte
