@@ -233,8 +233,8 @@ class Whitening:
     def state(self):  # saved with the optimizer's: resuming goes on from the same W' and Z
         return {"whitening.Z": self.Z.cpu(), "whitening.prime": self.prime.detach().cpu()}
 
-    def grad_to_prime(self):  # dL/dW' = dL/dW Z^T (Z is symmetric)
-        self.prime.grad = self.weight.grad.float() @ self.Z
+    def grad_to_prime(self):  # dL/dW' = dL/dW Z^T (Z is symmetric); none when no image was in the batch
+        self.prime.grad = None if self.weight.grad is None else self.weight.grad.float() @ self.Z
 
     @torch.no_grad()
     def update(self):  # after each optimizer step: W = W' Z

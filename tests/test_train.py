@@ -129,6 +129,13 @@ def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
     assert not torch.allclose(plain["condition_projector.weight"], weights["condition_projector.weight"])
 
 
+def test_whitened_projector_without_a_diffusion_loss_gets_no_gradient_and_stays(tmp_path):
+    train.main(FAST + ["--steps", "2", "--diffusion-weight", "0", "--out", str(tmp_path)])
+    w = load_file(tmp_path / "model.safetensors")["condition_projector.weight"]
+    # W = W' Z with W' = W Z^-1: only rounding moves it (an AdamW step at lr 2e-3 moves entries by ~1e-3)
+    assert torch.allclose(w, dreamllm.build("tiny").condition_projector.weight.detach(), atol=1e-4)
+
+
 def test_new_token_rows_are_the_special_tokens():
     m = dreamllm.build("tiny")
     assert m.n_text_vocab == 256  # the tiny LLM's own vocabulary: one row per byte
