@@ -135,6 +135,9 @@ def short_caption(scene):
 FIRST = ("Here is {}.", "This picture shows {}.", "Look at {}.", "Let me draw {}.")
 NEXT = ("Beside it sits {}.", "Next comes {}.", "The next picture shows {}.", "And here is {}.")
 AFTER = ("This is {}.", "In this picture there is {}.", "It shows {}.")
+# what text after a picture says about one of its shapes
+BACK = ("It is a {color} {shape}.", "The {color} {shape} is {size}.", "The {shape} is {color}.",
+        "That {shape} is {position}.")
 
 
 def _question(scene, rng):
@@ -175,18 +178,22 @@ def caption_example(seed, i, split="train"):
     return caption(scene, rng), scene
 
 
-def document_example(seed, i, split="train"):
+def document_example(seed, i, split="train", back=True):
     """(text with one IMAGE_TOKEN per image, [Scene] * 1-3) number i of the document stream. An image
-    is either described before it (the model learns to write it) or after it (to read it)."""
-    rng = _rng(seed, split, "document", i)
+    is either described before it (the model learns to write it) or after it (to read it); with `back`,
+    the text after it often refers back to it, what DreamLLM reads a written image for."""
+    # the back references draw from a generator of their own: without them (back=False), the same documents
+    rng, refer = _rng(seed, split, "document", i), _rng(seed, split, "back", i)
     scenes = [random_scene(rng, split) for _ in range(rng.randint(1, 3))]
     parts = ["Let us look at some shapes."] if len(scenes) > 1 and rng.random() < 0.3 else []
     for j, scene in enumerate(scenes):
-        said = caption(scene, rng)
+        said, s = caption(scene, rng), refer.choice(scene.shapes)
+        # the picture, then (7 times in 10) a sentence about one of its shapes, e.g. "The circle is purple."
+        image = [IMAGE_TOKEN] + ([refer.choice(BACK).format(**vars(s))] if back and refer.random() < 0.7 else [])
         if rng.random() < 0.6:
-            parts += [rng.choice(NEXT if j else FIRST).format(said), IMAGE_TOKEN]
+            parts += [rng.choice(NEXT if j else FIRST).format(said), *image]
         else:
-            parts += [IMAGE_TOKEN, rng.choice(AFTER).format(said)]
+            parts += [*image, rng.choice(AFTER).format(said)]
     if len(scenes) > 1 and rng.random() < 0.3:
         parts.append(f"That makes {NUMBERS[len(scenes)]} pictures.")
     return " ".join(parts), scenes
@@ -217,7 +224,7 @@ def questions(seed, split="train", start=0):
         yield draw(scene), question, answer
 
 
-def text_corpus(seed, n, split="train"):
+def text_corpus(seed, n, split="train", back=True):
     """n lines of shapes-world text, captions, documents and Q&A in turn (Q&A as
     '<image> What colour is the square? blue'): the toy tokenizer's and toy LLM's training text."""
     lines = []
@@ -226,7 +233,7 @@ def text_corpus(seed, n, split="train"):
         if kind == 0:
             lines.append(caption_example(seed, j, split)[0])
         elif kind == 1:
-            lines.append(document_example(seed, j, split)[0])
+            lines.append(document_example(seed, j, split, back)[0])
         else:
             _, question, answer = question_example(seed, j, split)
             lines.append(f"{IMAGE_TOKEN} {question} {answer}")

@@ -149,6 +149,24 @@ def test_documents_have_one_placeholder_per_image():
         assert all(im.size == (data.IMAGE_SIZE,) * 2 and im.mode == "RGB" for im in images)
 
 
+
+def test_text_after_an_image_often_refers_back_to_it_and_truly():
+    world = [data.Shape(*k) for k in itertools.product(data.COLORS, data.SHAPES, data.SIZES, data.POSITIONS)]
+    any_back = {b.format(**vars(s)) for s in world for b in data.BACK}  # every such sentence about any shape
+    images = referred = 0
+    for i in range(N):
+        text, scenes = data.document_example(0, i)
+        plain, plain_scenes = data.document_example(0, i, back=False)
+        assert plain_scenes == scenes  # without them: the same documents
+        for scene, after, plain_after in zip(scenes, text.split(data.IMAGE_TOKEN)[1:], plain.split(data.IMAGE_TOKEN)[1:]):
+            first = after.strip().split(". ")[0].rstrip(".") + "."  # the sentence right after the image
+            true = {b.format(**vars(s)) for s in scene.shapes for b in data.BACK}
+            images += 1
+            referred += first in any_back
+            assert first not in any_back or first in true, (text, first)
+            assert plain_after.strip().split(". ")[0].rstrip(".") + "." not in any_back
+    assert 0.6 < referred / images < 0.8, referred / images  # 7 images in 10
+
 def answer(scene, question):
     """An independent reading of the question: find the one shape it names, then answer."""
     if question == "How many shapes are there?":

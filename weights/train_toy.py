@@ -172,7 +172,10 @@ def train_tokenizer(args, out):
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     # <image> is a special token: it never takes part in merges, so it is cut out of the training text
-    lines = [re.sub(" +", " ", line.replace(data.IMAGE_TOKEN, "")) for line in data.text_corpus(args.seed, 20000, "all")]
+    # Its corpus has no back references (data.document_example): they came later, and the ids this corpus
+    # gives are the ones the toy CLIP and UNet were trained with. Their words are all in it.
+    corpus = data.text_corpus(args.seed, 20000, "all", back=False)
+    lines = [re.sub(" +", " ", line.replace(data.IMAGE_TOKEN, "")) for line in corpus]
     tok.train_from_iterator(lines, trainer)
     tok.save(str(out / "tokenizer.json"))
     lengths = [len(tok.encode(t).ids) for t in lines[:3000]]
