@@ -156,7 +156,7 @@ def main(argv=None):
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="the denoising sampler")
     p.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write (documents, answers)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--eval-images", type=int, default=8, help="--eval: images per held-out prompt")
+    p.add_argument("--eval-images", type=int, default=16, help="--eval: images per held-out prompt")
     p.add_argument("--eval-questions", type=int, default=40, help="--eval: toy VQA questions")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu")
     args = p.parse_args(argv)

@@ -1,7 +1,6 @@
 """bench.py --quick runs end to end and prints its table with a ratio column. (No timing assertions:
 speed is what bench.py reports, not what a test on a shared CPU can promise.)"""
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path

@@ -102,7 +102,7 @@ def test_frozen_modules_get_no_gradient_and_stay_bit_identical(stage, tmp_path, 
     assert model.n_text_vocab < model.llm.cfg.vocab_size
 
 
-def test_whitening_makes_the_projector_input_isotropic_and_keeps_w():
+def test_whitening_makes_the_projector_input_isotropic():
     model = dreamllm.build("tiny")
     w0 = model.condition_projector.weight.detach().clone()
     example = lambda e: ((f"a {['red', 'blue', 'green'][e % 3]} {['circle', 'square'][e % 2]} <image>", [None]) if e % 5
@@ -115,8 +115,16 @@ def test_whitening_makes_the_projector_input_isotropic_and_keeps_w():
     assert torch.allclose(top, torch.ones_like(top), atol=1e-2), top
     raw = torch.linalg.eigvalsh(h.T @ h / len(h))[-10:]
     assert raw[-1] / raw[0] > 10  # and they did not before: one direction, the states' mean, dwarfs the rest
-    assert torch.allclose(white.prime @ white.Z, w0, atol=1e-4)  # a change of coordinates: W is where it was
     assert torch.equal(white.Z, white.Z.T)
+    # a fresh projector: its random init is W', so W = W_init Z; the init itself is not written over
+    assert torch.equal(white.prime, w0) and torch.equal(model.condition_projector.weight, w0 @ white.Z)
+    white.prime.data.add_(1.0)
+    white.update()
+    assert torch.equal(white.prime, w0 + 1.0)  # W' and W are two tensors: update() writes W only
+    # a trained one (--init) is kept: a change of coordinates, W where it was
+    model.condition_projector.weight.data.copy_(w0)
+    kept = train.Whitening(model, example, keep=True)
+    assert torch.allclose(kept.prime @ kept.Z, w0, atol=1e-4) and torch.allclose(model.condition_projector.weight, w0, atol=1e-4)
 
 
 def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
@@ -132,8 +140,8 @@ def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
 def test_whitened_projector_without_a_diffusion_loss_gets_no_gradient_and_stays(tmp_path):
     train.main(FAST + ["--steps", "2", "--diffusion-weight", "0", "--out", str(tmp_path)])
     w = load_file(tmp_path / "model.safetensors")["condition_projector.weight"]
-    # W = W' Z with W' = W Z^-1: only rounding moves it (an AdamW step at lr 2e-3 moves entries by ~1e-3)
-    assert torch.allclose(w, dreamllm.build("tiny").condition_projector.weight.detach(), atol=1e-4)
+    Z = load_file(tmp_path / "train_state.safetensors")["whitening.Z"]
+    assert torch.equal(w, dreamllm.build("tiny").condition_projector.weight.detach() @ Z)  # W = W_init Z, unmoved
 
 
 def test_new_token_rows_are_the_special_tokens():
