@@ -17,9 +17,9 @@ it, then os.replace), so a crash or Ctrl-C never leaves a half-written file:
     train_state.safetensors  AdamW's moments and step counts, for --resume
 Nothing else is needed: example e of the run and its noise are pure functions of (seed, e), so
 `--resume` ends bit-identical (on CPU) to the same run uninterrupted, and under torchrun each process
-takes a slice of the same global batch: N processes give the losses of one (to float rounding; parallel.py). A folder that
-holds a checkpoint is only ever continued, with --resume and the same settings (--steps may grow, the
-device may change); to start again, pick another --out or delete the folder.
+takes a slice of the same global batch: N processes give the losses of one (to float rounding; see
+parallel.py). A folder that holds a checkpoint is only ever continued, with --resume and the same
+settings (--steps may grow, the device may change); to start again, pick another --out or delete it.
 """
 import argparse
 import functools

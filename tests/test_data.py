@@ -158,7 +158,8 @@ def test_text_after_an_image_often_refers_back_to_it_and_truly():
         text, scenes = data.document_example(0, i)
         plain, plain_scenes = data.document_example(0, i, back=False)
         assert plain_scenes == scenes  # without them: the same documents
-        for scene, after, plain_after in zip(scenes, text.split(data.IMAGE_TOKEN)[1:], plain.split(data.IMAGE_TOKEN)[1:]):
+        afters = zip(text.split(data.IMAGE_TOKEN)[1:], plain.split(data.IMAGE_TOKEN)[1:])
+        for scene, (after, plain_after) in zip(scenes, afters):
             first = after.strip().split(". ")[0].rstrip(".") + "."  # the sentence right after the image
             true = {b.format(**vars(s)) for s in scene.shapes for b in data.BACK}
             images += 1

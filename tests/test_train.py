@@ -124,7 +124,8 @@ def test_whitening_makes_the_projector_input_isotropic():
     # a trained one (--init) is kept: a change of coordinates, W where it was
     model.condition_projector.weight.data.copy_(w0)
     kept = train.Whitening(model, example, keep=True)
-    assert torch.allclose(kept.prime @ kept.Z, w0, atol=1e-4) and torch.allclose(model.condition_projector.weight, w0, atol=1e-4)
+    assert torch.allclose(kept.prime @ kept.Z, w0, atol=1e-4)
+    assert torch.allclose(model.condition_projector.weight, w0, atol=1e-4)
 
 
 def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
@@ -136,6 +137,15 @@ def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
     assert not any(k.startswith("whitening.") for k in load_file(tmp_path / "plain" / "train_state.safetensors"))
     assert not torch.allclose(plain["condition_projector.weight"], weights["condition_projector.weight"])
 
+
+
+def test_dream_queries_step_at_a_tenth_of_the_lr_while_whitened(tmp_path):
+    q0 = dreamllm.build("tiny").dream_queries.detach()
+    for flags, lr_scale in (([], train.Whitening.QUERY_LR), (["--no-whiten"], 1.0)):
+        out = tmp_path / str(lr_scale)
+        train.main(FAST + ["--steps", "1", "--lr", "1e-3", "--out", str(out)] + flags)
+        step = (load_file(out / "model.safetensors")["dream_queries"] - q0).abs().max().item()
+        assert abs(step - 1e-3 * lr_scale) < 1e-5 * lr_scale, (flags, step)  # AdamW's first step moves each entry by lr
 
 def test_whitened_projector_without_a_diffusion_loss_gets_no_gradient_and_stays(tmp_path):
     train.main(FAST + ["--steps", "2", "--diffusion-weight", "0", "--out", str(tmp_path)])
