@@ -149,7 +149,6 @@ def test_documents_have_one_placeholder_per_image():
         assert all(im.size == (data.IMAGE_SIZE,) * 2 and im.mode == "RGB" for im in images)
 
 
-
 def test_text_after_an_image_often_refers_back_to_it_and_truly():
     world = [data.Shape(*k) for k in itertools.product(data.COLORS, data.SHAPES, data.SIZES, data.POSITIONS)]
     any_back = {b.format(**vars(s)) for s in world for b in data.BACK}  # every such sentence about any shape
@@ -167,6 +166,7 @@ def test_text_after_an_image_often_refers_back_to_it_and_truly():
             assert first not in any_back or first in true, (text, first)
             assert plain_after.strip().split(". ")[0].rstrip(".") + "." not in any_back
     assert 0.6 < referred / images < 0.8, referred / images  # 7 images in 10
+
 
 def answer(scene, question):
     """An independent reading of the question: find the one shape it names, then answer."""

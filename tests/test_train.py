@@ -138,7 +138,6 @@ def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
     assert not torch.allclose(plain["condition_projector.weight"], weights["condition_projector.weight"])
 
 
-
 def test_dream_queries_step_at_a_tenth_of_the_lr_while_whitened(tmp_path):
     q0 = dreamllm.build("tiny").dream_queries.detach()
     for flags, lr_scale in (([], train.Whitening.QUERY_LR), (["--no-whiten"], 1.0)):
@@ -146,6 +145,7 @@ def test_dream_queries_step_at_a_tenth_of_the_lr_while_whitened(tmp_path):
         train.main(FAST + ["--steps", "1", "--lr", "1e-3", "--out", str(out)] + flags)
         step = (load_file(out / "model.safetensors")["dream_queries"] - q0).abs().max().item()
         assert abs(step - 1e-3 * lr_scale) < 1e-5 * lr_scale, (flags, step)  # AdamW's first step moves each entry by lr
+
 
 def test_whitened_projector_without_a_diffusion_loss_gets_no_gradient_and_stays(tmp_path):
     train.main(FAST + ["--steps", "2", "--diffusion-weight", "0", "--out", str(tmp_path)])
