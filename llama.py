@@ -128,27 +128,35 @@ class KVCache:
 
 
 class StaticKVCache:
-    # The same, preallocated: (B, n_kv_heads, max_len, head_dim) per layer (allocated at the first
-    # write, in the keys' dtype), new tokens written in place. No copy of the past per token, and
-    # attention always reads all max_len slots (the unwritten ones are in the future, so the causal
-    # mask hides them): fixed shapes, what torch.compile and CUDA graphs want.
-    def __init__(self, n_layers, max_len):
-        self.k, self.v, self.max_len, self.length = [None] * n_layers, [None] * n_layers, max_len, 0
+    # The same, preallocated for a batch: (B, n_kv_heads, max_len, head_dim) per layer, new tokens
+    # written in place. Attention always reads all max_len slots (the unwritten ones are in the
+    # future, so the causal mask hides them), and the next free slot is a tensor, `pos`, not a
+    # Python int: a decode step then has the same shapes and the same Python values at every token,
+    # so torch.compile traces it once and a CUDA graph ("reduce-overhead") replays it per token.
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens written so far
+        self.max_len = max_len
+        for t in self.k + self.v + [self.pos]:  # fixed addresses: a CUDA graph may write them in place
+            torch._dynamo.mark_static_address(t)
 
-    def __len__(self):
-        return self.length
+    def __len__(self):  # reads the device (a sync on a GPU): for eager code, not inside a compiled step
+        return int(self.pos)
+
+    def slots(self, T):  # where T new tokens go: (T,)
+        return self.pos + torch.arange(T, device=self.pos.device)
 
     def update(self, layer, k, v):
-        B, H, T, D = k.shape
-        if self.length + T > self.max_len:
-            raise ValueError(f"static KV cache full: {self.length} + {T} tokens > max_len {self.max_len}")
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = (k.new_zeros(B, H, self.max_len, D) for _ in range(2))
-        slots = torch.arange(self.length, self.length + T, device=k.device)
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
+        T = k.shape[2]
+        if layer == 0 and not torch.compiler.is_compiling() and len(self) + T > self.max_len:
+            raise ValueError(f"static KV cache full: {len(self)} + {T} tokens > max_len {self.max_len}")
+        slots = self.slots(T)
+        self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
         if layer == len(self.k) - 1:  # the last layer has written: these T tokens are cached
-            self.length += T
+            self.pos += T
         return self.k[layer], self.v[layer]
 
 
@@ -226,37 +234,40 @@ class Llama(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self, max_len=None):  # max_len given: a StaticKVCache of that many tokens
-        return KVCache(self.cfg.n_layers) if max_len is None else StaticKVCache(self.cfg.n_layers, max_len)
+    def new_cache(self, max_len=None, batch_size=1):  # max_len given: a StaticKVCache of that many tokens
+        if max_len is None:
+            return KVCache(self.cfg.n_layers)
+        w = self.model.embed_tokens.weight
+        return StaticKVCache(self.cfg, batch_size, max_len, w.device, w.dtype)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
         # The final hidden states, after model.norm: (B, T, dim). DreamLLM reads these at the dream
         # query positions; forward() turns them into logits.
-        #   attention_mask: (B, cached + T) of 1 (token) / 0 (padding), padding on the left;
-        #   cache: a KVCache, filled in place; T new tokens follow the cached ones.
+        #   attention_mask: (B, keys) of 1 (token) / 0 (padding), padding on the left; keys = cached + T,
+        #     or a static cache's max_len (its slots to come count as tokens);
+        #   cache: a KVCache or StaticKVCache, filled in place; T new tokens follow the cached ones.
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T, _ = x.shape
-        past = len(cache) if cache is not None else 0
-        S = past + T
-        static = isinstance(cache, StaticKVCache)
-        n_keys = cache.max_len if static else S  # a static cache's keys: all its slots, written or not
-        if attention_mask is None:
-            positions = torch.arange(past, S, device=x.device).expand(B, T)
+        if isinstance(cache, StaticKVCache):
+            q_pos, n_keys = cache.slots(T), cache.max_len  # keys: all its slots, written or not
         else:
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, must be (B, cached + T) = {(B, S)}")
+            past = len(cache) if cache is not None else 0
+            q_pos, n_keys = torch.arange(past, past + T, device=x.device), past + T
+        if attention_mask is None:
+            positions = q_pos.expand(B, T)
+        else:
+            if attention_mask.shape != (B, n_keys):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, must be (B, keys) = {(B, n_keys)}")
             # A left-padded row's first real token is position 0, as if it ran alone (as HF generate does).
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, q_pos)  # (B, T)
         mask = None  # no padding, nothing cached: SDPA's built-in causal mask
-        if attention_mask is not None or past > 0 or static:
-            q_pos = torch.arange(past, S, device=x.device)[:, None]   # (T, 1)
-            k_pos = torch.arange(n_keys, device=x.device)[None, :]    # (1, S)
-            mask = (k_pos <= q_pos).expand(B, 1, T, n_keys)           # causal: (B, 1, T, S), True = attend
+        if attention_mask is not None or n_keys > T or isinstance(cache, StaticKVCache):
+            k_pos = torch.arange(n_keys, device=x.device)[None, :]    # (1, keys)
+            mask = (k_pos <= q_pos[:, None]).expand(B, 1, T, n_keys)  # causal: (B, 1, T, keys), True = attend
             if attention_mask is not None:
                 # never attend to padding, but let each token see itself, so that a padding query
                 # keeps one key (an all-masked softmax row is NaN); its output is never read
-                keep = F.pad(attention_mask.bool(), (0, n_keys - S))  # slots not yet written: future anyway
-                mask = (mask & keep[:, None, None, :]) | (k_pos == q_pos)
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | (k_pos == q_pos[:, None])
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
@@ -273,14 +284,18 @@ class Llama(nn.Module):
                  temperature=0.0, top_p=1.0, eos_id=None, generator=None, static_cache=False):
         # Returns only the new tokens, (B, <= max_new_tokens). temperature 0 = greedy. Rows that have
         # written eos_id keep writing it; generation stops when every row has. static_cache: a
-        # StaticKVCache of T + max_new_tokens slots (the same tokens; for torch.compile / the GPU).
+        # StaticKVCache of T + max_new_tokens slots, the same tokens; for speed on a GPU, with
+        #     model.compile(mode="reduce-overhead", fullgraph=True)   # one CUDA graph per decode step
         prompt = input_ids if input_ids is not None else inputs_embeds
         B, T = prompt.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=prompt.device)
         if max_new_tokens <= 0:
             return prompt.new_zeros(B, 0, dtype=torch.long)
-        cache, out = self.new_cache(T + max_new_tokens if static_cache else None), []
+        cache, out = KVCache(self.cfg.n_layers), []
+        if static_cache:  # one mask for every step, so that each decode step sees the same shapes
+            cache = self.new_cache(T + max_new_tokens, B)
+            attention_mask = F.pad(attention_mask, (0, max_new_tokens), value=1)
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         logits = self(input_ids, inputs_embeds, attention_mask, cache)[:, -1]  # prefill: (B, vocab)
         for _ in range(max_new_tokens):
@@ -291,7 +306,8 @@ class Llama(nn.Module):
             out.append(token)
             if len(out) == max_new_tokens or done.all():
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            if not static_cache:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             logits = self(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1]
         return torch.stack(out, dim=1)
 

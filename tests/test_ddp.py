@@ -1,6 +1,6 @@
 """Speed and scale, on the CPU: torchrun with 2 processes (gloo) gives the losses and weights of one
 process on the same global batch, plain data parallel and FSDP; the static KV cache gives what the
-dynamic one gives; activation checkpointing gives the same loss and gradients."""
+dynamic one gives, and compiled it traces a decode step once for every token; activation checkpointing gives the same loss and gradients."""
 import json
 import os
 import subprocess
@@ -72,13 +72,39 @@ def test_static_cache_equals_the_dynamic_cache():
     assert torch.equal(dynamic, static) and len(set(dynamic[2].tolist())) > 3
     with torch.no_grad():  # and logits step by step, a prompt then single tokens, against no cache at all
         full = model(ids)
-        cache = model.new_cache(max_len=12)
+        cache = model.new_cache(max_len=12, batch_size=3)
         steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 9)]
         assert len(cache) == 9 and cache.k[0].shape == (3, 2, 12, 16)
         assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
         model(ids[:, :3], cache=cache)
         with pytest.raises(ValueError, match="static KV cache full"):
             model(ids[:, :1], cache=cache)
+
+
+def test_compiled_static_decoding_traces_once_and_gives_the_same_tokens():
+    # What a CUDA graph needs, checked on the CPU: with a static cache every decode step has the same
+    # shapes and Python values, so after the prefill graph and one decode graph nothing recompiles.
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = llama.build("tiny").eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ids = torch.randint(0, 256, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    eager = model.generate(ids, 12, attention_mask=mask)
+    torch._dynamo.reset()
+    counters.clear()
+    # dynamic=False: no symbolic shapes (a CUDA graph is recorded per shape); aot_eager: no C++ build
+    model.compile(backend="aot_eager", fullgraph=True, dynamic=False)
+    try:
+        first = model.generate(ids, 12, attention_mask=mask, static_cache=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile would raise
+            second = model.generate(ids.flip(0), 12, attention_mask=mask.flip(0), static_cache=True)
+        assert counters["stats"]["unique_graphs"] == 2  # the prefill (T = 9) and the decode step (T = 1)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(first, eager) and torch.equal(second, eager.flip(0))
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
