@@ -177,10 +177,10 @@ def read_tensors(path, step=None):
 
 def cast_frozen(model, dtype):
     # on the GPU the frozen weights (CLIP, the VAE, the UNet, a frozen LLM's blocks) are kept in bf16:
-    # half the memory and the bandwidth; what trains stays fp32 (AdamW's small updates vanish in bf16)
+    # half the memory and the bandwidth; what trains is fp32 (AdamW's small updates vanish in bf16),
+    # also when it was loaded in bf16, as the official release is
     for p in model.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
+        p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
 
 
 def make_optimizer(model, groups, args, whitening=None):

@@ -1,5 +1,6 @@
 """train.py on the tiny preset (CPU): what trains and what stays frozen, checkpoints, exact resume, NaN,
 Ctrl-C, bad input; and the DreamLLM additions it relies on (new token rows, trained_state)."""
+import argparse
 import json
 import os
 import signal
@@ -152,6 +153,16 @@ def test_whitened_projector_without_a_diffusion_loss_gets_no_gradient_and_stays(
     w = load_file(tmp_path / "model.safetensors")["condition_projector.weight"]
     Z = load_file(tmp_path / "train_state.safetensors")["whitening.Z"]
     assert torch.equal(w, dreamllm.build("tiny").condition_projector.weight.detach() @ Z)  # W = W_init Z, unmoved
+
+
+def test_on_the_gpu_frozen_weights_go_to_bf16_and_trained_ones_to_fp32():
+    model = dreamllm.build("tiny").to(torch.bfloat16)  # as the official release loads: all bf16
+    args = argparse.Namespace(lr=1e-3, weight_decay=0.0)
+    params, _ = train.make_optimizer(model, train.STAGES["I-creation"]["groups"], args)
+    train.cast_frozen(model, torch.bfloat16)
+    trained = {id(p) for p in params}
+    assert trained and all(p.dtype == torch.float32 for p in params)
+    assert {p.dtype for p in model.parameters() if id(p) not in trained} == {torch.bfloat16}
 
 
 def test_new_token_rows_are_the_special_tokens():
