@@ -5,17 +5,27 @@ on the same weights and the same inputs. Each row: warm-ups, then ours and the r
     python bench.py                      # CPU fp32, moderately sized random models (a few minutes)
     python bench.py --quick              # small models, few repeats (under a minute)
     python bench.py --device cuda --real-shapes --compile   # bf16: Vicuna-7B, CLIP ViT-L/14, SD 2.1-base 512 px
+    python bench.py --only dream --real-shapes --dtype bf16 --count-memory --llm-layers 4 --repeats 1
+                                         # DreamLLM-7B's training memory, on the CPU, with 4 of its 32 blocks
 
 The reference models are built at random from our configs, and ours take their state dicts
 (strict: every key). On CUDA it also reports achieved TFLOP/s (FLOPs counted by torch's
-FlopCounterMode on ours: matmuls, convolutions, attention), MFU against --peak-tflops, and peak memory.
+FlopCounterMode on ours: matmuls, convolutions, attention), MFU against --peak-tflops, and the peak memory
+during a call (everything allocated, so both sides' weights); on the CPU, --count-memory counts the peak
+bytes of live tensors the same way (LiveBytes).
 The DreamLLM training step has no reference: only ours is timed.
 """
 import argparse
+import gc
 import statistics
 import time
+import warnings
+import weakref
+from dataclasses import replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 import clip
@@ -78,6 +88,47 @@ def flops_of(fn):
     with counter:
         fn()
     return counter.get_total_flops()
+
+
+class LiveBytes(TorchDispatchMode):
+    # The peak bytes of live tensors while it is on, counted op by op: on the CPU, a stand-in for
+    # torch.cuda.max_memory_allocated (less the CUDA allocator's rounding and cuBLAS's workspace). Each
+    # storage counts once, from the op that made it until Python frees it; what was alive before counts too.
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+        gc.collect()
+        with warnings.catch_warnings():  # (isinstance on some of torch's deprecated objects warns)
+            warnings.simplefilter("ignore")
+            alive = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]  # weights, optimizer state, inputs
+        for t in alive:
+            self.add(t)
+
+    def add(self, t):
+        if t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key, n = storage.data_ptr(), storage.nbytes()
+        if n and key not in self.live:
+            self.live[key], self.now = n, self.now + n
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self.free, key)
+
+    def free(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+def counted(fn):  # peak bytes of live tensors while fn() runs
+    with LiveBytes() as live:
+        fn()
+    return live.peak
 
 
 COMPILE = False  # --compile
@@ -199,8 +250,8 @@ def sd_rows(size, device, dtype, g):
 
 
 def dream_row(size, device, dtype):
-    # one step of stage I-creation as train.py takes it: forward, backward, clip, AdamW; frozen parts in
-    # bf16 on CUDA, the LLM checkpointed
+    # one step of stage I-creation as train.py takes it on a GPU: forward, backward, clip, AdamW; in bf16
+    # (on the CPU too with --dtype bf16) the frozen parts are bf16 under autocast, the LLM checkpointed
     K, S, B = size["dream"]
     cfg, *_ = size["llm"]
     ucfg, vcfg, *_ = size["sd"]
@@ -210,15 +261,16 @@ def dream_row(size, device, dtype):
         model = dreamllm.DreamLLM(llama.build(cfg), vision,
                                   unet.build_unet(ucfg), unet.build_vae(vcfg), unet.PRESETS["sd-2.1-base"]["scheduler"],
                                   dreamllm.byte_tokenizer(), dreamllm.DreamConfig(n_queries=K, image_size=S))
-    model.llm.gradient_checkpointing = device.type == "cuda"
+    half = dtype == torch.bfloat16
+    model.llm.gradient_checkpointing = half
     args = argparse.Namespace(lr=1e-4, weight_decay=0.0)
     params, opt = train.make_optimizer(model, train.STAGES["I-creation"]["groups"], args)
-    if device.type == "cuda":
+    if half:
         train.cast_frozen(model, torch.bfloat16)
     batch = model.collate([train.shapes_example("t2i", 0, e) for e in range(B)])
 
     def step():
-        with train.autocast(device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=half):
             loss = model(batch, torch.Generator().manual_seed(0))["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -231,10 +283,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (fp32, the default) or cuda (bf16)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on the CPU, bf16 on CUDA")
     p.add_argument("--quick", action="store_true", help="small models, 3 repeats: under a minute on a laptop CPU")
     p.add_argument("--real-shapes", action="store_true", help="the real sizes (for a GPU): Vicuna-7B, CLIP ViT-L/14, "
                    "SD 2.1-base at 512 px, DreamLLM-7B's training step")
     p.add_argument("--compile", action="store_true", help="torch.compile ours (Module.compile, in place)")
+    p.add_argument("--count-memory", action="store_true", help="on the CPU: the peak bytes of live tensors "
+                   "of one more run of each side (GiB columns)")
+    p.add_argument("--llm-layers", type=int, help="the LLM with this many blocks (its memory grows by one "
+                   "block's weights per block)")
     p.add_argument("--repeats", type=int, help="timed runs of each side per row (default: the mode's)")
     parts = ["llama", "clip", "sd", "dream"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts, help="these rows only (default: all)")
@@ -244,8 +301,12 @@ def main():
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
     size = SIZES["real" if args.real_shapes else "quick" if args.quick else "default"]
+    if args.llm_layers:
+        cfg, T, new = size["llm"]
+        size = dict(size, llm=(replace(cfg, n_layers=args.llm_layers), T, new))
+    memory = device.type == "cuda" or args.count_memory
     repeats = args.repeats or size["repeats"]
     global COMPILE
     COMPILE = args.compile
@@ -254,11 +315,13 @@ def main():
     missing = [name for name, lib in (("transformers", transformers), ("diffusers", diffusers)) if lib is None]
     print(f"bench: {device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {'real shapes' if args.real_shapes else 'quick' if args.quick else 'default'} "
-          f"sizes, median of {repeats}" + (f"; {', '.join(missing)} not installed: ours only" if missing else ""))
+          f"sizes{f', {args.llm_layers} LLM blocks' if args.llm_layers else ''}, median of {repeats}" + (f"; {', '.join(missing)} not installed: ours only" if missing else ""))
     g = torch.Generator().manual_seed(0)
     header = f"{'':44s} {'ours ms':>10s} {'ref ms':>10s} {'ours/ref':>9s}"
     if device.type == "cuda":
-        header += f" {'TFLOP/s':>8s} {'MFU':>6s} {'GiB ours':>9s} {'GiB ref':>8s}"
+        header += f" {'TFLOP/s':>8s} {'MFU':>6s}"
+    if memory:
+        header += f" {'GiB ours':>9s} {'GiB ref':>8s}"
     print(header + "  note")
     for part in args.only:
         per = 1
@@ -284,6 +347,8 @@ def main():
                         t, m = timed(ref, device)
                         t_ref.append(t)
                         m_ref = max(m_ref, m)
+                if args.count_memory and device.type == "cpu":
+                    m_ours, m_ref = counted(ours), ref and counted(ref)
                 div = per if "decode" in name else 1
                 a = statistics.median(t_ours) / div
                 b = statistics.median(t_ref) / div if ref else None
@@ -291,8 +356,9 @@ def main():
                     (f"{b * 1e3:10.2f} {a / b:9.2f}" if b else f"{'-':>10s} {'-':>9s}")
                 if device.type == "cuda":
                     tflops = flops_of(ours) / div / a / 1e12
-                    line += f" {tflops:8.1f} {tflops / args.peak_tflops:6.1%} {m_ours / 2**30:9.2f} " + \
-                            (f"{m_ref / 2**30:8.2f}" if ref else f"{'-':>8s}")
+                    line += f" {tflops:8.1f} {tflops / args.peak_tflops:6.1%}"
+                if memory:
+                    line += f" {m_ours / 2**30:9.2f} " + (f"{m_ref / 2**30:8.2f}" if ref else f"{'-':>8s}")
                 print(line + (f"  {note}" if note else ""), flush=True)
             del rows
         if device.type == "cuda":

@@ -1,9 +1,14 @@
-"""bench.py --quick runs end to end and prints its table with a ratio column. (No timing assertions:
-speed is what bench.py reports, not what a test on a shared CPU can promise.)"""
+"""bench.py --quick runs end to end and prints its table with a ratio column, and LiveBytes counts the
+memory of live tensors. (No timing assertions: speed is what bench.py reports, not what a test on a
+shared CPU can promise.)"""
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,3 +32,16 @@ def test_quick_bench_prints_a_table_with_ratios():
 def test_help():
     r = subprocess.run([sys.executable, "bench.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--real-shapes" in r.stdout and "--quick" in r.stdout
+
+
+def test_live_bytes_counts_the_peak_of_live_tensors_once_per_storage():
+    with bench.LiveBytes() as live:
+        before = live.now  # what was alive already counts too
+        a = torch.ones(1024, 256)  # 1 MiB
+        b = torch.ones(1024, 512)  # 2 MiB: 3 MiB alive
+        del a, b
+        c = torch.ones(1024, 512)  # 2 MiB again, after the 3 MiB were freed
+        view = c.view(-1)  # shares c's storage: nothing more
+        now = live.now
+    assert live.peak - before == 3 * 2**20 and now - before == 2 * 2**20
+    del c, view
