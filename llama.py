@@ -281,21 +281,29 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, max_new_tokens=32, attention_mask=None, inputs_embeds=None,
-                 temperature=0.0, top_p=1.0, eos_id=None, generator=None, static_cache=False):
+                 temperature=0.0, top_p=1.0, eos_id=None, generator=None, static_cache=False, cache=None):
         # Returns only the new tokens, (B, <= max_new_tokens). temperature 0 = greedy. Rows that have
         # written eos_id keep writing it; generation stops when every row has. static_cache: a
         # StaticKVCache of T + max_new_tokens slots, the same tokens; for speed on a GPU, with
         #     model.compile(mode="reduce-overhead", fullgraph=True)   # one CUDA graph per decode step
+        # cache: a StaticKVCache to reuse from call to call (emptied first): the same addresses every
+        # time, so the CUDA graphs recorded for the first call serve the next ones too.
         prompt = input_ids if input_ids is not None else inputs_embeds
         B, T = prompt.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=prompt.device)
         if max_new_tokens <= 0:
             return prompt.new_zeros(B, 0, dtype=torch.long)
-        cache, out = KVCache(self.cfg.n_layers), []
+        static_cache = static_cache or cache is not None
         if static_cache:  # one mask for every step, so that each decode step sees the same shapes
-            cache = self.new_cache(T + max_new_tokens, B)
-            attention_mask = F.pad(attention_mask, (0, max_new_tokens), value=1)
+            cache = cache if cache is not None else self.new_cache(T + max_new_tokens, B)
+            if T + max_new_tokens > cache.max_len:
+                raise ValueError(f"{T} + {max_new_tokens} tokens do not fit the cache's max_len {cache.max_len}")
+            cache.pos.zero_()  # empty: old keys past the prompt count as the future until overwritten
+            attention_mask = F.pad(attention_mask, (0, cache.max_len - T), value=1)
+        else:
+            cache = KVCache(self.cfg.n_layers)
+        out = []
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
         logits = self(input_ids, inputs_embeds, attention_mask, cache)[:, -1]  # prefill: (B, vocab)
         for _ in range(max_new_tokens):

@@ -70,6 +70,12 @@ def test_static_cache_equals_the_dynamic_cache():
     dynamic = model.generate(ids, 24, attention_mask=mask)
     static = model.generate(ids, 24, attention_mask=mask, static_cache=True)
     assert torch.equal(dynamic, static) and len(set(dynamic[2].tolist())) > 3
+    cache = model.new_cache(max_len=40, batch_size=3)  # one cache reused, larger than needed
+    for rows in ([0, 1, 2], [2, 0, 1]):
+        again = model.generate(ids[rows], 24, attention_mask=mask[rows], cache=cache)
+        assert torch.equal(again, dynamic[rows])
+    with pytest.raises(ValueError, match="do not fit"):
+        model.generate(ids, 32, cache=cache)
     with torch.no_grad():  # and logits step by step, a prompt then single tokens, against no cache at all
         full = model(ids)
         cache = model.new_cache(max_len=12, batch_size=3)
@@ -101,10 +107,13 @@ def test_compiled_static_decoding_traces_once_and_gives_the_same_tokens():
         first = model.generate(ids, 12, attention_mask=mask, static_cache=True)
         with torch._dynamo.config.patch(error_on_recompile=True):  # a recompile would raise
             second = model.generate(ids.flip(0), 12, attention_mask=mask.flip(0), static_cache=True)
+            cache = model.new_cache(21, batch_size=3)
+            third = [model.generate(ids, 12, attention_mask=mask, cache=cache) for _ in range(2)]
         assert counters["stats"]["unique_graphs"] == 2  # the prefill (T = 9) and the decode step (T = 1)
     finally:
         torch._dynamo.reset()
     assert torch.equal(first, eager) and torch.equal(second, eager.flip(0))
+    assert all(torch.equal(t, eager) for t in third)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
