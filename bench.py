@@ -302,7 +302,8 @@ def main():
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    precision = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     size = SIZES["real" if args.real_shapes else "quick" if args.quick else "default"]
     if args.llm_layers:
         cfg, T, new = size["llm"]
@@ -316,7 +317,8 @@ def main():
     missing = [name for name, lib in (("transformers", transformers), ("diffusers", diffusers)) if lib is None]
     print(f"bench: {device} {str(dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {'real shapes' if args.real_shapes else 'quick' if args.quick else 'default'} "
-          f"sizes{f', {args.llm_layers} LLM blocks' if args.llm_layers else ''}, median of {repeats}" + (f"; {', '.join(missing)} not installed: ours only" if missing else ""))
+          f"sizes{f', {args.llm_layers} LLM blocks' if args.llm_layers else ''}, median of {repeats}"
+          + (f"; {', '.join(missing)} not installed: ours only" if missing else ""))
     g = torch.Generator().manual_seed(0)
     header = f"{'':44s} {'ours ms':>10s} {'ref ms':>10s} {'ours/ref':>9s}"
     if device.type == "cuda":
