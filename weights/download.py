@@ -5,18 +5,21 @@
 
 Each name below is one Hugging Face repository; its files land in DIR/NAME/ with the repository's
 own layout (config.json beside the weights), which is what llama.load, clip.load and unet.load_* read.
-A download is written to FILE.part and renamed to FILE only once it is complete and its sha256 (where
-the registry knows it) matches, so a file at its final path is always a whole, verified one.
+A download is written to FILE.part and renamed to FILE only once it is complete and matches the size
+and sha256 the registry knows and those the hub's own headers give, so a file at its final path is
+always a whole, verified one; the sha256 it was verified with is kept beside it in FILE.sha256
+(`sha256sum -c` reads it) for a rerun to check it against.
 Interrupted? Run the same command again: it resumes from the .part with an HTTP Range request.
 
 HF_ENDPOINT overrides https://huggingface.co (a mirror; the tests' local server). HF_TOKEN is sent as
 a bearer token, for repositories that ask you to accept a licence first.
 
 Sizes and sha256 values are the Git LFS pointers the hub shows for each file at the pinned revision;
-None where we could not read one (the file is then checked for completeness only); where each
-known value was read is noted under REGISTRY.
+None where we could not read one (the file is then checked against the hub's headers only); where
+each known value was read is noted under REGISTRY.
 """
 import argparse
+import errno
 import hashlib
 import http.client
 import os
@@ -95,17 +98,39 @@ class DownloadError(Exception):
     pass
 
 
-class _KeepAuthOnSameHost(urllib.request.HTTPRedirectHandler):
-    # The hub answers /resolve/ with a redirect to its CDN (signed URLs). The token must go to the hub
-    # only: another host gets the redirect without it (a signed URL refuses a second credential).
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _tag(value, digits):  # an ETag's hex digest, without W/ and quotes; None if it is not one
+    value = (value or "").removeprefix("W/").strip('"').lower()
+    return value if re.fullmatch(f"[0-9a-f]{{{digits}}}", value) else None
+
+
+class _Hub(urllib.request.HTTPRedirectHandler):
+    # The hub answers /resolve/ with a redirect to its CDN (signed URLs). The token must go to the
+    # hub only: another host gets the redirect without it (a signed URL refuses a second
+    # credential). What the file is rides on the hub's own replies, so they are heard here: an LFS
+    # file's redirect carries X-Linked-Size and X-Linked-Etag (its sha256, quoted); a small file
+    # kept in git comes straight from the hub, its ETag the git blob sha1 (of b"blob SIZE\0" + the
+    # bytes), not a sha256. A CDN's ETag is its own (an MD5, an S3 multipart tag): never read.
+    def __init__(self, url):
+        self.host = urllib.parse.urlsplit(url).netloc
+        self.size = self.sha256 = self.sha1 = None
+
+    def hear(self, headers, final=False):
+        size = headers.get("X-Linked-Size") or ""
+        self.size = int(size) if size.isdigit() else self.size
+        self.sha256 = _tag(headers.get("X-Linked-Etag"), 64) or self.sha256
+        if final and not self.sha256:  # the body itself comes from the hub: a file kept in git
+            self.sha1 = _tag(headers.get("ETag"), 40)
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(req.full_url).netloc == self.host:
+            self.hear(headers)
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != self.host:
             new.remove_header("Authorization")
         return new
-
-
-_opener = urllib.request.build_opener(_KeepAuthOnSameHost)
 
 
 def url_for(repo, path, revision="main", endpoint=None):
@@ -113,7 +138,7 @@ def url_for(repo, path, revision="main", endpoint=None):
     return f"{endpoint}/{repo}/resolve/{revision}/{urllib.parse.quote(path)}"
 
 
-def _sha256_of(path, h=None):
+def _hash_of(path, h=None):
     h = h or hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(CHUNK):
@@ -121,12 +146,45 @@ def _sha256_of(path, h=None):
     return h
 
 
-def _check(dest, got_size, got_sha, size, sha256):
+def _check(dest, path, got_size, got_sha, size, sha256, sha1=None):
     if size is not None and got_size != size:
         return f"{dest.name}: {got_size} bytes, expected {size}"
     if sha256 is not None and got_sha != sha256:
         return f"{dest.name}: sha256 {got_sha}, expected {sha256}"
+    if sha1 is not None:  # the bytes as git stores them: b"blob SIZE\0" + the file
+        got = _hash_of(path, hashlib.sha1(b"blob %d\0" % got_size)).hexdigest()
+        if got != sha1:
+            return f"{dest.name}: git blob sha1 {got}, expected {sha1} (the hub's ETag)"
     return None
+
+
+def _open(url, token=None, offset=0, timeout=60):
+    # The reply (None where the server refuses the Range) and the _Hub that heard what the file is
+    hub = _Hub(url)
+    agent = {"User-Agent": "dreamllm-from-scratch/weights.download"}
+    req = urllib.request.Request(url, headers=agent)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    try:
+        resp = urllib.request.build_opener(hub).open(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            how = ("HF_TOKEN was refused: is it valid, and" if token
+                   else "set HF_TOKEN to a Hugging Face access token,")
+            raise DownloadError(f"{url}: HTTP {e.code}, the repository is gated; {how} accept its "
+                                f"licence on the model's page on huggingface.co") from None
+        if e.code == 404:
+            raise DownloadError(f"{url}: HTTP 404, no such file") from None
+        if e.code == 416 and offset:
+            return None, hub
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+    if urllib.parse.urlsplit(resp.geturl()).netloc == hub.host:  # the body is the hub's own reply
+        hub.hear(resp.headers, final=True)
+    return resp, hub
 
 
 def download(url, dest, sha256=None, size=None, token=None, progress=True, timeout=60):
@@ -135,10 +193,7 @@ def download(url, dest, sha256=None, size=None, token=None, progress=True, timeo
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     if dest.exists():  # only ever put there complete and verified, unless a person put it there
-        problem = _check(dest, dest.stat().st_size, _sha256_of(dest).hexdigest() if sha256 else None, size, sha256)
-        if problem:
-            raise DownloadError(f"{problem}: {dest} is not the official file; delete it to download it again")
-        return "present"
+        return _present(url, dest, sha256, size, token, timeout)
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     offset = part.stat().st_size if part.exists() else 0
@@ -146,48 +201,56 @@ def download(url, dest, sha256=None, size=None, token=None, progress=True, timeo
         part.unlink()
         offset = 0
     # sha256 of the bytes already there, so the hash is done when the last byte arrives
-    h = _sha256_of(part) if offset else hashlib.sha256()
+    h = _hash_of(part) if offset else hashlib.sha256()
     if size is not None and offset == size:
         return _finish(dest, part, offset, h, size, sha256)
 
-    req = urllib.request.Request(url, headers={"User-Agent": "dreamllm-from-scratch/weights.download"})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    if offset:
-        req.add_header("Range", f"bytes={offset}-")
-    try:
-        resp = _opener.open(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            how = "HF_TOKEN was refused: is it valid, and" if token else "set HF_TOKEN to a Hugging Face access token,"
-            raise DownloadError(f"{url}: HTTP {e.code}, the repository is gated; {how} accept its licence on "
-                                f"the model's page on huggingface.co") from None
-        if e.code == 404:
-            raise DownloadError(f"{url}: HTTP 404, no such file") from None
-        if e.code == 416 and offset:  # the .part is not a prefix the server recognises: start over
-            part.unlink()
-            return download(url, dest, sha256, size, token, progress, timeout)
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"{url}: cannot connect ({getattr(e, 'reason', e)})") from None
+    resp, hub = _open(url, token, offset, timeout)
+    if resp is None:  # HTTP 416: the .part is not a prefix the server recognises: start over
+        part.unlink()
+        return download(url, dest, sha256, size, token, progress, timeout)
 
     with resp:
         start = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range") or "")
         if offset and (resp.status != 206 or not start or int(start[1]) != offset):
             offset, h = 0, hashlib.sha256()  # the server ignored Range and sends the whole file: restart
+        for what, ours, hubs in (("size", size, hub.size), ("sha256", sha256, hub.sha256)):
+            if ours is not None and hubs is not None and ours != hubs:
+                raise DownloadError(f"{dest.name}: the registry's {what} is {ours}, the hub's "
+                                    f"{hubs} (the file changed upstream?); nothing saved")
+        size, sha256 = size if size is not None else hub.size, sha256 or hub.sha256
+        # Without Content-Length the end of the body is where the connection closes: only the size
+        # known tells a whole file from a cut one (a short body stays a .part, to resume)
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length is not None else size
+        if total is None and sha256 is None and hub.sha1 is None:
+            # Nothing says how long the file is or what it hashes to: a connection closed early
+            # would look exactly like its end. Refused rather than kept unverified.
+            raise DownloadError(f"{dest.name}: {url} gives no size and no checksum, so a file cut "
+                                "short could not be told from a whole one; nothing saved")
         received = offset
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=dest.name, disable=not progress, leave=False)
         try:
+            block = resp.read(CHUNK)  # looked at before the .part is opened (and maybe truncated)
+            head = b"" if offset else block.lstrip()[:14].lower()  # a resumed body starts mid-file
+            page = head.startswith((b"<!doctype html", b"<html"))
+            if page or resp.headers.get_content_type() == "text/html":
+                raise DownloadError(f"{dest.name}: {url} sent a web page instead of the file "
+                                    "(a proxy or login page?); nothing saved")
             with open(part, "ab" if offset else "wb") as out:
-                while block := resp.read(CHUNK):
+                while block:
                     out.write(block)
                     h.update(block)
                     received += len(block)
                     bar.update(len(block))
-        except (OSError, http.client.HTTPException) as e:  # a dropped connection: IncompleteRead, reset, timeout
+                    block = resp.read(CHUNK)
+        except (OSError, http.client.HTTPException) as e:
+            if getattr(e, "errno", None) in _DISK_FULL:  # the write failed, not the connection
+                need = f" ({total - received} more bytes needed)" if total else ""
+                raise DownloadError(f"{dest.name}: disk full in {dest.parent}{need}; free space "
+                                    "there and run the same command again to resume") from None
+            # a dropped connection: IncompleteRead, reset, timeout
             raise DownloadError(f"{dest.name}: connection lost after {received} of {total or '?'} bytes "
                                 f"({type(e).__name__}); run the same command again to resume") from None
         finally:
@@ -195,17 +258,42 @@ def download(url, dest, sha256=None, size=None, token=None, progress=True, timeo
     if total is not None and received < total:
         raise DownloadError(f"{dest.name}: connection closed after {received} of {total} bytes; "
                             f"run the same command again to resume")
-    return _finish(dest, part, received, h, size, sha256)
+    return _finish(dest, part, received, h, size, sha256, hub.sha1)
 
 
-def _finish(dest, part, got_size, h, size, sha256):
-    problem = _check(dest, got_size, h.hexdigest(), size, sha256)
+def _finish(dest, part, got_size, h, size, sha256, sha1=None):
+    problem = _check(dest, part, got_size, h.hexdigest(), size, sha256, sha1)
     if problem:
         # A complete file with the wrong bytes cannot be resumed into the right one: remove it.
         part.unlink()
         raise DownloadError(f"{problem}; the download was removed, run the command again to fetch it afresh")
+    # What FILE was verified as, for a rerun to check (sha256sum's format); first, so none lacks it
+    dest.with_name(dest.name + ".sha256").write_text(f"{h.hexdigest()}  {dest.name}\n")
     os.replace(part, dest)  # atomic: the final name appears only now
     return "downloaded"
+
+
+def _present(url, dest, sha256, size, token, timeout):
+    sha1, sidecar = None, dest.with_name(dest.name + ".sha256")
+    if sha256 is None and sidecar.exists():
+        sha256 = _tag(sidecar.read_text()[:64], 64)
+    if sha256 is None:
+        # Never verified where it lies: an older version of this script kept a body cut short when
+        # no size was known, or a person put it there. The hub's headers settle it; a file that
+        # nothing can be checked against is never called present.
+        resp, hub = _open(url, token, 0, timeout)
+        resp.close()
+        size, sha256, sha1 = size if size is not None else hub.size, hub.sha256, hub.sha1
+        if sha256 is None and sha1 is None:
+            raise DownloadError(f"{dest.name}: {dest} was never verified and {url} gives no sha256 "
+                                "to check it against; delete it to download it again")
+    got = _hash_of(dest).hexdigest()
+    problem = _check(dest, dest, dest.stat().st_size, got, size, sha256, sha1)
+    if problem:
+        raise DownloadError(f"{problem}: {dest} is not the official file; delete it and rerun")
+    if not sidecar.exists():
+        sidecar.write_text(f"{got}  {dest.name}\n")
+    return "present"
 
 
 def fetch(name, folder, token=None, progress=True):
@@ -214,7 +302,7 @@ def fetch(name, folder, token=None, progress=True):
         url = url_for(entry["repo"], file["path"], entry["revision"])
         dest = Path(folder) / name / file["path"]
         status = download(url, dest, file["sha256"], file["size"], token, progress)
-        check = "sha256 ok" if file["sha256"] else "no sha256 known"
+        check = "sha256 ok" if file["sha256"] else "checked against the hub's headers"
         print(f"[{name} {i}/{len(entry['files'])}] {file['path']}: {status} ({check})", flush=True)
 
 
@@ -256,6 +344,11 @@ def main(argv=None):
             fetch(name, args.dir, os.environ.get("HF_TOKEN") or None, progress=not args.quiet)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the disk filled outside a download's body (a folder, a FILE.sha256)
+        if e.errno not in _DISK_FULL:
+            raise
+        print(f"error: disk full writing {e.filename}; free space and run again", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
