@@ -28,10 +28,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import clip
+import data
+import diffusion
 import dreamllm
 import llama
-import train
 import unet
 
 try:
@@ -219,7 +221,7 @@ def sd_rows(size, device, dtype, g):
     latent = z[:1] / ours_v.scaling_factor
 
     def ddim_ours():
-        s = unet.DDIM(sched_cfg)
+        s = diffusion.DDIM(sched_cfg)
         s.set_timesteps(steps)
         x = z[:1]
         for t in s.timesteps:
@@ -264,15 +266,21 @@ def dream_row(size, device, dtype):
                                   dreamllm.byte_tokenizer(), dreamllm.DreamConfig(n_queries=K, image_size=S))
     half = dtype == torch.bfloat16
     model.llm.gradient_checkpointing = half
-    args = argparse.Namespace(lr=1e-4, weight_decay=0.0)
-    params, opt = train.make_optimizer(model, train.STAGES["I-creation"]["groups"], args)
+    trains = model.trainable_groups()  # train.py's stage I-creation: these groups, the rest frozen
+    params = [p for g in ("dream_queries", "condition_projector", "new_tokens") for p in trains[g]]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
     if half:
-        train.cast_frozen(model, torch.bfloat16)
-    batch = model.collate([train.shapes_example("t2i", 0, e) for e in range(B)])
+        cli.cast_frozen(model, torch.bfloat16)
+    batch = model.collate([data.example("t2i", 0, e) for e in range(B)])
+    batch["noise"] = model.draw_noise([torch.Generator().manual_seed(e) for e in range(B)])
 
     def step():
         with torch.autocast(device.type, torch.bfloat16, enabled=half):
-            loss = model(batch, torch.Generator().manual_seed(0))["loss"]
+            losses = model(**batch)
+        loss = losses["lm"] + 10.0 * losses["diffusion"]  # stage I's weights
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,4 +1,5 @@
-"""Reading official checkpoint folders: the one piece of loading the three backbones share.
+"""Checkpoint folders: reading the official ones (the one piece of loading the three backbones share),
+and writing and reading our training runs' (below).
 
 A Hugging Face / diffusers folder holds `config.json` beside the weights, which come as one file
 (`model.safetensors`), as shards named by an index (`model.safetensors.index.json`), or as the old
@@ -9,11 +10,14 @@ built on the meta device, so a 7B model never exists twice in memory.
 Every failure is a CheckpointError whose message is one line naming the file and the problem.
 """
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 
 class CheckpointError(Exception):
@@ -94,3 +98,110 @@ def assign(model, state, source, ignore=()):
         raise CheckpointError(f"{source}: does not match the model's config; " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# A training run's folder (train.py --out). Each checkpoint is a folder of its own, step-<N>/:
+#     model.safetensors        what the run trained, by name (DreamLLM.trained_state): all sample.py needs
+#     train_state.safetensors  AdamW's moments and step counts (and the whitening's), for --resume
+#     config.json              preset, stage, groups, DreamConfig, step, steps, seed, the arguments
+# written whole into step-<N>.tmp/ and then renamed: one rename is the moment a checkpoint exists,
+# so a crash or a full disk at any point leaves the last whole checkpoint (the newest step-<N>/)
+# and at most some debris, which the next save clears. Older checkpoints go only after a newer one
+# is whole.
+
+RUN_FILES = ("model.safetensors", "train_state.safetensors", "config.json")
+
+
+def _steps(folder):  # {N: path} of the whole checkpoints in a run's folder
+    found = {}
+    for p in Path(folder).glob("step-*"):
+        if p.is_dir() and p.name[5:].isdigit() and all((p / f).is_file() for f in RUN_FILES):
+            found[int(p.name[5:])] = p
+    return found
+
+
+def latest(folder):  # the newest whole checkpoint's folder, or None
+    steps = _steps(folder)
+    return steps[max(steps)] if steps else None
+
+
+def read_run(folder):
+    # the newest checkpoint's config.json (with "path": its folder added), or None if there is none
+    path = latest(folder)
+    if path is None:
+        if (Path(folder) / "model.safetensors").is_file():
+            raise CheckpointError(f"{folder}: a run folder of an older train.py (its files at the top, "
+                                  "not in step-N/); train again into a new --out")
+        return None
+    config = read_config(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
+    for key, kind in RUN_KEYS.items():
+        if not isinstance(config.get(key), kind):
+            raise CheckpointError(f"{path / 'config.json'}: key {key!r} is missing or not a {kind.__name__}")
+    return dict(config, path=path)
+
+
+RUN_KEYS = dict(preset=str, stage=str, groups=list, step=int, steps=int, seed=int, dream_config=dict, args=dict)
+
+
+def read_tensors(run, name):  # "model" or "train_state" of the checkpoint read_run() found
+    path = run["path"] / f"{name}.safetensors"
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    return tensors
+
+
+def save_run(folder, step, tensors, config):
+    # tensors {"model": {...}, "train_state": {...}} and config -> folder/step-<step>/, whole or not at all
+    folder = Path(folder)
+    final, tmp = folder / f"step-{step}", folder / f"step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
+    tmp.mkdir(parents=True)
+    for name, t in tensors.items():
+        save_file(t, str(tmp / f"{name}.safetensors"), {"step": str(step)})
+    _write_json(tmp / "config.json", config)
+    for f in RUN_FILES:
+        _fsync(tmp / f)
+    shutil.rmtree(final, ignore_errors=True)  # a checkpoint of this step that an earlier run left
+    os.rename(tmp, final)  # the checkpoint exists from here on
+    _fsync(folder)
+    for step_, path in _steps(folder).items():  # the older ones, and any debris
+        if step_ != step:
+            shutil.rmtree(path, ignore_errors=True)
+    for debris in folder.glob("step-*.tmp"):
+        shutil.rmtree(debris, ignore_errors=True)
+
+
+def _write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _fsync(path):  # to the disk, so that a power cut after the rename finds the files whole
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def optimizer_tensors(optimizer):
+    # AdamW's state {i: {key: tensor}} -> flat {"i.key": CPU tensor}, FSDP's shards gathered
+    return {f"{i}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+            for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+
+
+def load_optimizer_tensors(optimizer, tensors, device):
+    # the inverse of optimizer_tensors, into an optimizer over the same parameters in the same order
+    state, flat = {}, [p for g in optimizer.param_groups for p in g["params"]]
+    for key, t in tensors.items():
+        i, name = key.split(".", 1)
+        p = flat[int(i)]
+        if hasattr(p, "device_mesh") and t.shape == p.shape:  # FSDP: this process's shard of it
+            from torch.distributed.tensor import distribute_tensor
+            t = distribute_tensor(t.to(device), p.device_mesh, p.placements)
+        state.setdefault(int(i), {})[name] = t
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})

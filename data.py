@@ -206,6 +206,25 @@ def question_example(seed, i, split="train"):
     return (scene, *_question(scene, rng))
 
 
+KINDS = ("t2i", "i2t", "vqa", "document")  # the kinds of training example, by what they teach
+
+
+def example(kind, seed, i, split="train"):
+    """Example i of a kind -> (text with IMAGE_TOKEN placeholders, [PIL images]): "t2i" a caption,
+    then its picture (the model writes it); "i2t" a picture, then its caption (it reads it); "vqa" a
+    picture, a question and its answer; "document" an interleaved document."""
+    if kind == "document":
+        text, scenes = document_example(seed, i, split)
+        return text, [draw(s) for s in scenes]
+    if kind == "vqa":
+        scene, question, answer = question_example(seed, i, split)
+        return f"{IMAGE_TOKEN} {question} {answer}", [draw(scene)]
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of example {kind!r} (have {', '.join(KINDS)})")
+    text, scene = caption_example(seed, i, split)
+    return (f"{text} {IMAGE_TOKEN}" if kind == "t2i" else f"{IMAGE_TOKEN} {text}"), [draw(scene)]
+
+
 def captions(seed, split="train", start=0):
     for i in itertools.count(start):
         text, scene = caption_example(seed, i, split)

@@ -1,20 +1,22 @@
 """DreamLLM (Dong et al. 2023, arXiv 2309.11499): one causal LLM that reads and writes text and images.
 
-It reads an image as N CLIP patch features, projected and spliced into its token embeddings. It writes
-one by emitting <dream_start>: K learnable dream queries follow, and the LLM's final hidden states at
-those K positions, projected, become the cross-attention context of a frozen Stable Diffusion UNet
-(in place of SD's text encoder). Training adds SD's denoising loss to the LM loss; the frozen UNet's
-score teaches the LLM to speak its language (the paper's "score distillation"):
+It reads an image as N CLIP patch features, projected and spliced into its token embeddings. It
+writes one by emitting <dream_start>: K learnable dream queries follow, and the LLM's final hidden
+states at those K positions, projected, become the cross-attention context of a frozen Stable
+Diffusion UNet, in place of SD's text encoder (sec. 3.1). Training adds SD's denoising loss to the
+LM loss: the frozen UNet's score teaches the LLM to speak its language ("score distillation", eq. 3):
 
-    loss = lm_weight * CE(next token)  +  diffusion_weight * w(t) |f(unet(z_t, t, c)) - target(z_0, eps, t)|^2
+    L = w_lm CE(next token)  +  w_diffusion |f(unet(z_t, t, c)) - target(z_0, eps, t)|^2
 
-Every image of a document is written as a dream slot, then a read slot: the model creates it, then reads it.
+forward() returns the two terms; a training stage picks their weights (train.py). Every image of a
+document is written as a dream slot, then a read slot: the model creates it, then reads it back.
 
     <dream_start> <im_patch> x K <dream_end> <im_start> <im_patch> x N <im_end>
                   dream queries                         CLIP features, projected
 
     model = dreamllm.build("tiny")
-    losses = model(model.collate([("a red circle: <image> it is red", [pil_image])]))
+    batch = model.collate([("a red circle: <image> it is red", [pil_image])])   # tensors
+    losses = model(**batch, noise=model.draw_noise([torch.Generator().manual_seed(0)]))
     segments = model.generate("a picture of a circle", force_image=True)   # [Image, " text ..."]
 """
 import json
@@ -24,21 +26,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tqdm import tqdm
 
 import clip
+import diffusion
 import llama
 import unet
-from unet import DDIM, DDPM
 
-SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", "<dream_start>", "<dream_end>"]
+SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", "<dream_start>",
+                  "<dream_end>"]
 
 
 def byte_tokenizer() -> Tokenizer:
     # The tiny models' tokenizer: one token per UTF-8 byte (ids 0-255 = byte values), no merges, no
-    # training. Bytes are shown as GPT-2's printable stand-ins so that ByteLevel can split and decode them.
+    # training. Bytes are shown as GPT-2's printable stand-ins so ByteLevel can split and decode them.
     printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
     spare = iter(range(256, 512))
     symbol = {b: chr(b) if b in printable else chr(next(spare)) for b in range(256)}
@@ -51,26 +52,26 @@ def byte_tokenizer() -> Tokenizer:
 
 @dataclass
 class DreamConfig:
-    # the loss variants, side by side: each is the one line a researcher changes
-    lm_weight: float = 1.0              # LM cross-entropy weight (0: not computed)
-    diffusion_weight: float = 10.0      # lambda on the diffusion loss; 10 is the official value (0: not computed)
-    target: str = "epsilon"             # space the diffusion MSE is taken in: "epsilon" | "v" | "x0"
-    min_snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023), e.g. 5.0; None: uniform in t
-    cond_dropout: float = 0.1           # P(an image's condition is replaced by the null one): trains CFG
+    # the diffusion loss's variants, side by side: each is the one line a researcher changes
+    # (the weights of the two losses belong to a training stage: train.py's STAGES)
+    target: str = "epsilon"             # the space of the diffusion MSE: "epsilon" | "v" | "x0"
+    min_snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023), e.g. 5.0
+    cond_dropout: float = 0.1           # P(an image's condition -> the null one): trains CFG
     # structural: fixed when the model is built
     n_queries: int = 64                 # K dream queries per image
     clip_layer: int = -2                # the CLIP layer the LLM reads (the penultimate, as LLaVA)
-    image_size: int = 512               # pixels of the images the VAE encodes and decodes (SD 2.1-base: 512)
+    image_size: int = 512               # pixels of the images the VAE encodes and decodes
 
 
 @dataclass
 class PromptFormat:
     # How a model's prompts are written: by default the toy world's plain documents, no template;
-    # official.VICUNA_V1_1 is the released DreamLLM-7B's (a chat in which a given image is read, not dreamt).
-    system: str | None = None           # a chat: "{system} USER: {message} ASSISTANT:"; None: the message alone
-    document_system: str | None = None  # the system prompt when a document is asked for (None: `system`)
+    # official.VICUNA_V1_1 is the released DreamLLM-7B's (a chat in which a given image is read,
+    # not dreamt).
+    system: str | None = None           # a chat: "{system} USER: {message} ASSISTANT:"; None: bare
+    document_system: str | None = None  # the system prompt when a document is asked for
     question: str = "<image> {question}"  # answer(): the user's message, the image's place in it
-    read_only_images: bool = False      # a given <image> is a read slot only (else dream slot + read slot)
+    read_only_images: bool = False      # a given <image> is a read slot only (else dream + read)
     caption_sep: str = " "              # text_to_image(): between the prompt and the dream slot
 
     def chat(self, message, document=False):
@@ -82,17 +83,17 @@ class DreamLLM(nn.Module):
     def __init__(self, llm, clip, unet, vae, scheduler_config: dict, tokenizer, config: DreamConfig,
                  prompts: PromptFormat | None = None):
         super().__init__()
-        if config.target not in ("epsilon", "v", "x0"):
-            raise ValueError(f"DreamConfig.target {config.target!r}: must be 'epsilon', 'v' or 'x0'")
+        if config.target not in diffusion.SPACES:
+            raise ValueError(f"DreamConfig.target {config.target!r}: must be one of {diffusion.SPACES}")
         self.llm, self.clip, self.unet, self.vae = llm, clip, unet, vae
         for frozen in (clip, unet, vae):  # never trained: CLIP is the eye, SD's score the teacher
             frozen.requires_grad_(False)
         self.config, self.scheduler_config, self.tokenizer = config, dict(scheduler_config), tokenizer
         self.prompts = prompts or PromptFormat()
-        self.noise_scheduler = DDPM(scheduler_config)  # the forward process q(z_t | z_0) of training
-        # rows >= n_text_vocab are the tokens DreamLLM adds (and, for a tokenizer bigger than its LLM,
-        # the ones the LLM never saw): a frozen LLM's stage still trains them ("new_tokens", as LLaVA).
-        # Tokens added to the tokenizer's model (the official release's 8, from 32000 on) are new too.
+        self.noise_scheduler = diffusion.DDPM(scheduler_config)  # q(z_t | z_0) of training
+        # Rows >= n_text_vocab are the tokens DreamLLM adds (and, for a tokenizer bigger than its
+        # LLM, the ones the LLM never saw): a frozen LLM's stage still trains them ("new_tokens", as
+        # LLaVA). Tokens added to the tokenizer's model (the release's 8, from 32000) are new too.
         self.n_text_vocab = min(llm.model.embed_tokens.weight.shape[0],
                                 tokenizer.get_vocab_size(with_added_tokens=False))
         tokenizer.add_special_tokens(SPECIAL_TOKENS)   # a no-op for tokens it already has
@@ -100,7 +101,7 @@ class DreamLLM(nn.Module):
         self.bos_id, self.eos_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
         self._resize_vocab(tokenizer.get_vocab_size(with_added_tokens=True))
         v, D = clip.config.vision, llm.cfg.dim
-        self.n_patches = (v.image_size // v.patch_size) ** 2  # N, tokens of a read slot (256 for ViT-L/14)
+        self.n_patches = (v.image_size // v.patch_size) ** 2  # N, tokens of a read slot (256 for L/14)
         self.visual_projector = nn.Linear(v.width, D)
         self.dream_queries = nn.Parameter(torch.randn(config.n_queries, D) * 0.02)  # (K, D)
         self.condition_projector = nn.Linear(D, unet.config.context_dim, bias=False)
@@ -126,180 +127,157 @@ class DreamLLM(nn.Module):
     def device(self):
         return self.dream_queries.device
 
-    # ------------------------------------------------------------------------------------------------
-    # Documents -> token ids
+    @property
+    def latent_shape(self):  # (4, h, w) of an image's VAE latent: the VAE halves per level but the last
+        h = self.config.image_size // 2 ** (len(self.vae.config.channels) - 1)
+        return (self.vae.config.latent_channels, h, h)
 
-    def _image_slots(self, read_only=False):
-        t, K, N = self.token_id, self.config.n_queries, self.n_patches
-        read = [t["<im_start>"]] + [t["<im_patch>"]] * N + [t["<im_end>"]]
-        return read if read_only else [t["<dream_start>"]] + [t["<im_patch>"]] * K + [t["<dream_end>"]] + read
+    # --------------------------------------------------------------------------------------------
+    # Documents -> token ids and pixels: the data pipeline's side of the model
+
+    def dream_slot(self):  # <dream_start> <im_patch> x K <dream_end>: the K dream queries go inside
+        tok = self.token_id
+        return [tok["<dream_start>"]] + [tok["<im_patch>"]] * self.config.n_queries + [tok["<dream_end>"]]
+
+    def read_slot(self):  # <im_start> <im_patch> x N <im_end>: the N projected CLIP features go inside
+        tok = self.token_id
+        return [tok["<im_start>"]] + [tok["<im_patch>"]] * self.n_patches + [tok["<im_end>"]]
 
     def encode_document(self, text, n_images, read_only=False):
-        # -> input_ids (T,), labels (T,): BOS, the text with each <image> expanded to its two slots, EOS
-        # (read_only: to its read slot alone, as the official chat data lays out an image the user gives)
+        # -> input_ids (T,), labels (T,): BOS, the text with each <image> expanded to a dream slot and
+        # a read slot (read_only: to its read slot alone, as the official chat data lays out an image
+        # the user gives), EOS
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         image = self.token_id["<image>"]
         if ids.count(image) != n_images:
-            raise ValueError(f"the text has {ids.count(image)} <image> placeholders but {n_images} images were given")
+            raise ValueError(f"the text has {ids.count(image)} <image> placeholders but {n_images} "
+                             "images were given")
         input_ids, labels = [self.bos_id], [-100]  # nothing predicts BOS
         for i in ids:
-            if i == image:
-                slots = self._image_slots(read_only)
-                # only <dream_start> is learned: where an image goes; what fills the slots is not text
-                input_ids += slots
-                labels += ([-100] if read_only else [slots[0]]) + [-100] * (len(slots) - 1)
-            else:
+            if i != image:
                 input_ids.append(i)
                 labels.append(i)
+                continue
+            slots = self.read_slot() if read_only else self.dream_slot() + self.read_slot()
+            # only <dream_start> is learned (where an image goes); what fills the slots is not text
+            input_ids += slots
+            labels += ([-100] if read_only else [slots[0]]) + [-100] * (len(slots) - 1)
         input_ids.append(self.eos_id)
         labels.append(self.eos_id)
         return torch.tensor(input_ids), torch.tensor(labels)
 
-    def collate(self, docs):
-        # docs: [(text, [PIL images])] -> a right-padded batch; images in order of appearance
+    def collate(self, docs, diffusion=True):
+        # docs [(text, [PIL images])] -> a batch of tensors, on the CPU: input_ids and labels (B, T),
+        # right-padded; clip_pixels (n, 3, s, s), CLIP's input for the read slots; vae_pixels
+        # (n, 3, S, S) in [-1, 1], the images the diffusion loss is taken on (left out when it is
+        # not computed). The n images in order of appearance.
         encoded = [self.encode_document(text, len(images)) for text, images in docs]
         B, T = len(docs), max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((B, T), self.eos_id)
-        labels = torch.full((B, T), -100)
-        attention_mask = torch.zeros(B, T, dtype=torch.long)
+        input_ids, labels = torch.full((B, T), self.eos_id), torch.full((B, T), -100)
         for b, (ids, lab) in enumerate(encoded):
-            input_ids[b, :len(ids)], labels[b, :len(ids)], attention_mask[b, :len(ids)] = ids, lab, 1
-        return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask,
-                    images=[im for _, images in docs for im in images])
+            input_ids[b, :len(ids)], labels[b, :len(ids)] = ids, lab
+        images = [im for _, images in docs for im in images]
+        batch = dict(input_ids=input_ids, labels=labels, clip_pixels=self.clip_pixels(images))
+        if diffusion and images:
+            size = self.config.image_size
+            batch["vae_pixels"] = torch.stack([unet.preprocess(im, size) for im in images])
+        return batch
 
-    def clip_pixels(self, images):  # PIL images -> (n, 3, s, s), CLIP's own preprocessing; None if none
+    def clip_pixels(self, images):  # PIL images -> (n, 3, s, s), CLIP's preprocessing; None if none
         s = self.clip.config.vision.image_size
-        return torch.stack([clip.preprocess(im, s) for im in images]).to(self.device) if images else None
+        return torch.stack([clip.preprocess(im, s) for im in images]) if images else None
 
-    def vae_pixels(self, images):  # PIL images -> (n, 3, S, S) in [-1, 1]: shortest side to S (bicubic), center crop
-        S, out = self.config.image_size, []
-        for im in images:
-            im = im.convert("RGB")
-            k = S / min(im.size)
-            im = im.resize((max(S, round(im.width * k)), max(S, round(im.height * k))), Image.BICUBIC)
-            left, top = (im.width - S) // 2, (im.height - S) // 2
-            im = im.crop((left, top, left + S, top + S))
-            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(S, S, 3).permute(2, 0, 1)
-            out.append(x.float() / 127.5 - 1)
-        return torch.stack(out).to(self.device)
+    def draw_noise(self, generators):
+        # the diffusion loss's random draws, one image per generator (see diffusion.draw_noise)
+        T = self.noise_scheduler.num_train_timesteps
+        return diffusion.draw_noise(generators, self.latent_shape, T, self.config.cond_dropout)
 
-    # ------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------
     # Embedding: token embeddings with the slots' <im_patch> rows overwritten
 
-    def _slot_masks(self, input_ids):
+    def slot_masks(self, input_ids):
         # (B, T) masks of the <im_patch> tokens inside dream slots and inside read slots
-        t = self.token_id
+        tok = self.token_id
 
         def inside(start, end):  # after an opening token and before its closing one
-            depth = (input_ids == t[start]).cumsum(1) - (input_ids == t[end]).cumsum(1)
-            return (depth > 0) & (input_ids == t["<im_patch>"])
+            depth = (input_ids == tok[start]).cumsum(1) - (input_ids == tok[end]).cumsum(1)
+            return (depth > 0) & (input_ids == tok["<im_patch>"])
         return inside("<dream_start>", "<dream_end>"), inside("<im_start>", "<im_end>")
 
     def read_features(self, clip_pixels):  # (n, 3, s, s) -> (n, N, D)
         with torch.no_grad():  # CLIP is frozen: its features are an input, like the pixels
-            f = self.clip.image_features(clip_pixels, self.config.clip_layer)[:, 1:]  # (n, N, width), CLS dropped
+            pixels = clip_pixels.to(self.device)
+            f = self.clip.image_features(pixels, self.config.clip_layer)[:, 1:]  # (n, N, width): no CLS
         return self.visual_projector(f.to(self.visual_projector.weight.dtype))
 
     def embed(self, input_ids, clip_pixels=None):
-        # (B, T) -> (B, T, D). Slots are filled in the flattened batch's order: the i-th read slot gets
-        # image i; every dream slot gets the same K queries.
+        # (B, T) -> (B, T, D). Slots are filled in the flattened batch's order: the i-th read slot
+        # gets image i; every dream slot gets the same K queries.
         K = self.config.n_queries
         x = self.llm.model.embed_tokens(input_ids)  # (B, T, D)
-        dream, read = self._slot_masks(input_ids)
+        dream, read = self.slot_masks(input_ids)
         if dream.any():
             n = int(dream.sum()) // K
             assert n * K == dream.sum(), "a dream slot must hold exactly n_queries <im_patch> tokens"
             x = x.masked_scatter(dream[..., None], self.dream_queries.to(x.dtype).repeat(n, 1))
         if read.any():
             features = self.read_features(clip_pixels)  # (n, N, D)
-            assert features.shape[:2].numel() == read.sum(), "one image per read slot, N <im_patch> each"
+            assert features.shape[:2].numel() == read.sum(), "one image per read slot, N patches each"
             x = x.masked_scatter(read[..., None], features.to(x.dtype))
         return x
 
-    # ------------------------------------------------------------------------------------------------
-    # Training
+    # --------------------------------------------------------------------------------------------
+    # Training: the two losses
 
-    def forward(self, batch, generator=None):
-        cfg, K, images = self.config, self.config.n_queries, batch["images"]
-        input_ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        # Right padding under a causal mask: no real token ever attends to a pad, so attention_mask
-        # is not needed (and SDPA keeps its fast causal path); the pads' labels are -100.
-        h = self.llm.hidden_states(inputs_embeds=self.embed(input_ids, self.clip_pixels(images)))  # (B, T, D)
-        lm = diffusion = torch.zeros((), device=self.device)
-        if cfg.lm_weight:
+    def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None):
+        # -> dict(lm, diffusion): the two losses, unweighted (a training stage weighs them)
+        #   lm:        CE of the next token, over the tokens with a label
+        #   diffusion: |f(unet(z_t, t, c)) - target|^2, c the dream queries' final states, projected;
+        #              noise: draw_noise()'s draws for the n images of vae_pixels
+        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        # Right padding under a causal mask: no real token ever attends to a pad, so no attention
+        # mask is needed (and SDPA keeps its fast causal path); the pads' labels are -100.
+        h = self.llm.hidden_states(inputs_embeds=self.embed(input_ids, clip_pixels))  # (B, T, D)
+        losses = dict(lm=torch.zeros((), device=self.device), diffusion=torch.zeros((), device=self.device))
+        if (labels[:, 1:] != -100).any():
             logits = self.llm.lm_head(h[:, :-1]).float()  # position i predicts token i + 1
-            lm = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        if cfg.diffusion_weight and images:
-            dream, _ = self._slot_masks(input_ids)
-            context = self.condition_projector(h[dream].view(len(images), K, -1))  # (n_images, K, C)
-            diffusion = self.diffusion_loss(context, self.vae_pixels(images), generator)
-        return dict(loss=cfg.lm_weight * lm + cfg.diffusion_weight * diffusion, lm=lm, diffusion=diffusion)
+            losses["lm"] = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if vae_pixels is not None:
+            dream, _ = self.slot_masks(input_ids)
+            context = self.condition_projector(h[dream].view(len(vae_pixels), self.config.n_queries, -1))
+            losses["diffusion"] = self.diffusion_loss(context, vae_pixels, noise)  # context (n, K, C)
+        return losses
 
-    def diffusion_loss(self, context, pixels, generator=None):
-        # SD's denoising loss with the LLM's condition, context (n, K, C), pixels (n, 3, S, S) in [-1, 1].
-        # Random draws, in this order, from `generator`: dropout, posterior sample, noise, timesteps. Or
-        # `generator` is a list of one per image, each drawing its image's four: then an image's draws do
-        # not depend on the batch it is in (data-parallel training splits a batch across processes).
-        cfg, sched, n = self.config, self.noise_scheduler, len(context)
-        with torch.no_grad():  # the VAE is frozen; a sample of the posterior, as SD was trained
-            mean, logvar = self.vae.encode(pixels.to(self.vae.quant_conv.weight.dtype))
-            mean, std = mean.float(), (0.5 * logvar.float()).exp()
-        per_image = isinstance(generator, (list, tuple))
-        assert not per_image or len(generator) == n, "one generator per image"
-        draws = [self._draws(g, 1, mean.shape[1:]) for g in generator] if per_image else \
-            [self._draws(generator, n, mean.shape[1:])]
-        drop, post, eps, t = (torch.cat(d).to(self.device) for d in zip(*draws))
-        z0 = self.vae.scaling_factor * (mean + std * post)  # a sample of the posterior: (n, 4, h, w)
-        if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when nothing was
-            # dropped, so that every process of an FSDP run runs the LLM as often (and calls its collectives)
-            context = torch.where(drop[:, None, None].to(self.device), self.null_condition().to(context.dtype), context)
-        z_t = sched.add_noise(z0, eps, t)  # sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-        dtype = self.unet.conv_in.weight.dtype
-        out = self.unet(z_t.to(dtype), t, context.to(dtype))  # frozen, but gradients pass through to the context
-        with torch.autocast(self.device.type, enabled=False):  # scheduler math in fp32
-            out = out.float()
-            abar = sched.alphas_cumprod.to(self.device)[t].view(-1, 1, 1, 1)
-            a, s = abar.sqrt(), (1 - abar).sqrt()
-            # the UNet predicts in its own space (prediction_type); convert to the space of the loss
-            native = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}[sched.prediction_type]
-            if cfg.target == native:
-                pred = out
-            else:
-                x0_hat, eps_hat = sched.predict_x0_eps(out, abar, z_t)
-                pred = {"epsilon": eps_hat, "x0": x0_hat, "v": a * eps_hat - s * x0_hat}[cfg.target]
-            target = {"epsilon": eps, "x0": z0, "v": a * eps - s * z0}[cfg.target]  # v: Salimans & Ho 2022
-            mse = (pred - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
-            if cfg.min_snr_gamma is not None:
-                # min-SNR-gamma: the x0-space weight min(snr, gamma), divided by what the target's MSE
-                # already carries (|eps err|^2 = snr |x0 err|^2, |v err|^2 = (snr + 1) |x0 err|^2)
-                snr = abar.flatten() / (1 - abar.flatten())
-                clipped = snr.clamp(max=cfg.min_snr_gamma)
-                mse = mse * {"epsilon": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[cfg.target]
-            return mse.mean()
-
-    def _draws(self, generator, n, latent_shape):  # n dropouts, posterior samples, noises, timesteps: in this order
-        gdev = generator.device if generator is not None else "cpu"  # on the generator's device
-        drop = torch.rand(n, generator=generator, device=gdev) < self.config.cond_dropout
-        post, eps = (torch.randn(n, *latent_shape, generator=generator, device=gdev) for _ in range(2))
-        t = torch.randint(0, self.noise_scheduler.num_train_timesteps, (n,), generator=generator, device=gdev)
-        return drop, post, eps, t
+    def diffusion_loss(self, context, vae_pixels, noise):
+        # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features
+        cfg, noise = self.config, {k: v.to(self.device) for k, v in noise.items()}
+        if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when nothing
+            # is dropped, so every process of an FSDP run runs the LLM as often (and its collectives)
+            null = self.null_condition().to(context.dtype)
+            context = torch.where(noise["drop"][:, None, None], null, context)
+        with torch.no_grad():  # the VAE is frozen; a sample of its posterior, as SD was trained
+            mean, logvar = self.vae.encode(vae_pixels.to(self.device, self.vae.quant_conv.weight.dtype))
+            std = (0.5 * logvar.float()).exp()
+            z0 = self.vae.scaling_factor * (mean.float() + std * noise["posterior"])  # (n, 4, h, w)
+        return diffusion.denoising_loss(self.unet, self.noise_scheduler, z0, noise["eps"], noise["t"],
+                                        context, cfg.target, cfg.min_snr_gamma)
 
     def dream_states(self, prompt=""):
-        # BOS + prompt + a forced dream slot -> the K queries' final hidden states (1, K, D).
-        # The separator: training documents read "caption <image>" and the tokenizer splits at <image>; the
-        # official model's captions were followed by the dream slot directly (its caption_sep is "").
-        t, K = self.token_id, self.config.n_queries
+        # BOS + prompt + a dream slot -> the K queries' final hidden states (1, K, D). The separator:
+        # training documents read "caption <image>" and the tokenizer splits at <image>; the official
+        # model's captions were followed by the dream slot directly (its caption_sep is "").
         text = prompt.rstrip() + self.prompts.caption_sep if prompt.strip() else ""
-        ids = self.encode_document(text, 0)[0][:-1].tolist() + [t["<dream_start>"]] + [t["<im_patch>"]] * K
-        return self.llm.hidden_states(inputs_embeds=self.embed(torch.tensor([ids], device=self.device)))[:, -K:]
+        ids = self.encode_document(text, 0)[0][:-1].tolist() + self.dream_slot()[:-1]  # no EOS, <dream_end>
+        x = self.embed(torch.tensor([ids], device=self.device))
+        return self.llm.hidden_states(inputs_embeds=x)[:, -self.config.n_queries:]
 
     def condition(self, prompt=""):
         # the dream queries' states, projected: (1, K, C). Differentiable: training uses it for the null.
         return self.condition_projector(self.dream_states(prompt))
 
     def null_condition(self):
-        # The CFG null, (1, K, C): the dream queries after an empty prompt, BOS <dream_start>. (<dream_end>
-        # comes after the queries, so under causal attention it cannot change them.)
+        # The CFG null, (1, K, C): the dream queries after an empty prompt, BOS <dream_start>.
+        # (<dream_end> comes after the queries, so under causal attention it cannot change them.)
         return self.condition("")
 
     def trainable_groups(self):
@@ -342,63 +320,63 @@ class DreamLLM(nn.Module):
                 raise ValueError(f"trained state: {k} is {tuple(v.shape)}, this model's is {tuple(p[row:].shape)}")
             p[row:].copy_(v)
 
-    # ------------------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------------
     # Sampling
 
     @torch.no_grad()
-    def sample_images(self, context, steps=50, guidance=7.5, sampler="ddim", generator=None, progress=True):
+    def sample_images(self, context, steps=50, guidance=7.5, sampler="ddim", generator=None,
+                      progress=True):
         # context (n, K, C) -> n PIL images: the frozen SD draws them, the null condition for CFG
         null = None if guidance == 1 else self.null_condition()
-        return sample_cfg(self.unet, self.vae, self.scheduler_config, context, null, self.config.image_size,
-                          steps, guidance, sampler, generator, progress)
+        return diffusion.sample_cfg(self.unet, self.vae, self.scheduler_config, context, null,
+                                    self.config.image_size, steps, guidance, sampler, generator, progress)
 
     @torch.no_grad()
-    def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5, steps=50,
-                 sampler="ddim", generator=None, force_image=False, max_images=4, progress=True, read_only=False):
-        # Continues `text` into a document: a list of str and PIL images. Given images (one per <image>
-        # in the text) are laid out exactly as in training, dream slot + read slot, the only way the
-        # model has seen images; the queries' outputs are simply not used. `max_new_tokens` counts the
-        # sampled tokens (<dream_start> included), not the slots. read_only: the given images get a read
-        # slot only (the official chat format).
-        t, K, N, llm = self.token_id, self.config.n_queries, self.n_patches, self.llm
-        images = list(images)
-        ids = self.encode_document(text, len(images), read_only)[0][:-1].to(self.device)  # BOS + prompt, no EOS
+    def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5,
+                 steps=50, sampler="ddim", generator=None, force_image=False, max_images=4,
+                 progress=True, read_only=False):
+        # Continues `text` into a document: a list of str and PIL images. Given images (one per
+        # <image>) are laid out as in training, dream slot + read slot (read_only: a read slot only,
+        # the official chat format). max_new_tokens counts the sampled tokens, not the slots.
+        tok, llm, images = self.token_id, self.llm, list(images)
+        ids = self.encode_document(text, len(images), read_only)[0][:-1].to(self.device)  # no EOS
         cache = llm.new_cache()
-        h = llm.hidden_states(inputs_embeds=self.embed(ids[None], self.clip_pixels(images)), cache=cache)[:, -1]
-        # tokens never learned as labels (BOS, slot internals) are never written
-        banned = [self.bos_id] + [t[s] for s in SPECIAL_TOKENS if s != "<dream_start>"]
-        segments, text_ids, n_images = [], [], 0
-
-        def flush():
-            if text_ids:
-                segments.append(self.tokenizer.decode(text_ids))
-                text_ids.clear()
+        h = llm.hidden_states(inputs_embeds=self.embed(ids[None], self.clip_pixels(images)), cache=cache)
+        h = h[:, -1]
+        # tokens never learned as labels (BOS, the slots' insides) are never written
+        banned = [self.bos_id] + [tok[s] for s in SPECIAL_TOKENS if s != "<dream_start>"]
+        sampling = dict(steps=steps, guidance=guidance, sampler=sampler, generator=generator,
+                        progress=progress)
+        segments, text_ids = [], []
         for i in range(max_new_tokens):
             logits = llm.lm_head(h).float()  # (1, vocab)
             logits[:, banned] = float("-inf")
-            if n_images >= max_images:
-                logits[:, t["<dream_start>"]] = float("-inf")
+            if sum(not isinstance(s, str) for s in segments) >= max_images:
+                logits[:, tok["<dream_start>"]] = float("-inf")
             forced = force_image and i == 0
-            token = t["<dream_start>"] if forced else llama.sample(logits, temperature, top_p, generator).item()
+            token = tok["<dream_start>"] if forced else llama.sample(logits, temperature, top_p, generator).item()
             if token == self.eos_id:
                 break
-            if token != t["<dream_start>"]:
+            if token != tok["<dream_start>"]:
                 text_ids.append(token)
                 h = llm.hidden_states(torch.tensor([[token]], device=self.device), cache=cache)[:, -1]
                 continue
-            # the model put an image here: run the queries, dream the image ...
-            flush()
-            dream = torch.tensor([[t["<dream_start>"]] + [t["<im_patch>"]] * K], device=self.device)
-            hq = llm.hidden_states(inputs_embeds=self.embed(dream), cache=cache)[:, 1:]  # (1, K, D)
-            image = self.sample_images(self.condition_projector(hq), steps, guidance, sampler, generator, progress)[0]
+            segments += [self.tokenizer.decode(text_ids)] if text_ids else []
+            text_ids = []
+            image, h = self._dream_then_read(cache, sampling)
             segments.append(image)
-            n_images += 1
-            # ... then read it back through CLIP, so that the text after it can refer to it
-            read = [t["<dream_end>"], t["<im_start>"]] + [t["<im_patch>"]] * N + [t["<im_end>"]]
-            x = self.embed(torch.tensor([read], device=self.device), self.clip_pixels([image]))
-            h = llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
-        flush()
-        return segments
+        return segments + ([self.tokenizer.decode(text_ids)] if text_ids else [])
+
+    def _dream_then_read(self, cache, sampling):
+        # <dream_start> was just written: run the K queries, draw the image from their states, then
+        # read it back through CLIP, so that the text after it can refer to it.
+        # -> (the image, the last hidden state (1, D))
+        dream = torch.tensor([self.dream_slot()[:-1]], device=self.device)  # <dream_start> + K queries
+        hq = self.llm.hidden_states(inputs_embeds=self.embed(dream), cache=cache)[:, 1:]  # (1, K, D)
+        image = self.sample_images(self.condition_projector(hq), **sampling)[0]
+        read = torch.tensor([self.dream_slot()[-1:] + self.read_slot()], device=self.device)
+        x = self.embed(read, self.clip_pixels([image]))  # <dream_end> + the read slot
+        return image, self.llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
 
     @torch.no_grad()
     def text_to_image(self, prompt, num_images=1, **sampling):
@@ -406,45 +384,12 @@ class DreamLLM(nn.Module):
         return self.sample_images(self.condition(prompt).expand(num_images, -1, -1), **sampling)
 
     def answer(self, image, question, **generate_kw):
-        # image -> text: the document "<image> question" continued (data.py's Q&A form), no images written;
-        # or, with a chat format, the question asked in it
+        # image -> text: the document "<image> question" continued (data.py's Q&A form), no images
+        # written; or, with a chat format, the question asked in it
         p = self.prompts
         text = p.chat(p.question.format(question=question))
         segments = self.generate(text, [image], max_images=0, read_only=p.read_only_images, **generate_kw)
         return "".join(segments).strip()
-
-
-@torch.no_grad()
-def sample_cfg(denoiser, vae, scheduler_config, context, null, image_size, steps=50, guidance=7.5, sampler="ddim",
-               generator=None, progress=True, desc="dreaming"):
-    # Stable Diffusion's sampling loop, by DDIM or DDPM with classifier-free guidance (Ho & Salimans 2022):
-    # context (n, S, C) and the null condition (1, S, C) -> n PIL images. DreamLLM's conditions and plain
-    # SD's text features (official.py) both go through it. guidance 1: the conditional branch alone.
-    n = len(context)
-    sched = {"ddim": DDIM, "ddpm": DDPM}[sampler](scheduler_config)
-    sched.set_timesteps(steps)
-    h = image_size // 2 ** (len(vae.config.channels) - 1)  # the VAE halves per level but the last
-    z = _randn(torch.empty(n, vae.config.latent_channels, h, h, device=context.device), generator)  # z_T ~ N(0, I)
-    dtype = denoiser.conv_in.weight.dtype
-    cond = context if guidance == 1 else torch.cat([null.expand(n, -1, -1), context])  # one batch: (null, cond)
-    for t in tqdm(sched.timesteps, desc=desc, disable=None if progress else True, leave=False):
-        out = denoiser((z if guidance == 1 else torch.cat([z, z])).to(dtype), t, cond.to(dtype)).float()
-        if guidance != 1:
-            null_out, cond_out = out.chunk(2)
-            out = null_out + guidance * (cond_out - null_out)
-        z = sched.step(out, t, z, generator=generator)
-    return to_pil(vae.decode((z / vae.scaling_factor).to(vae.quant_conv.weight.dtype)))  # about [-1, 1]
-
-
-def _randn(like, generator):
-    # N(0, I) shaped like `like`, drawn on the generator's device (a CPU generator reproduces anywhere)
-    device = generator.device if generator is not None else "cpu"
-    return torch.randn(like.shape, generator=generator, device=device).to(like.device)
-
-
-def to_pil(x):  # (n, 3, H, W) in [-1, 1] -> n PIL images
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    return [Image.fromarray(a.numpy()) for a in x]
 
 
 PRESETS = {
@@ -456,10 +401,6 @@ PRESETS = {
     # a 4-layer LLaMA (dim 192), a 64 px CLIP (64 patches), a 4x VAE and a UNet with 128-wide context
     "toy": dict(folder=Path(__file__).resolve().parent / "weights" / "toy",
                 config=DreamConfig(n_queries=8, image_size=64)),
-    # the released DreamLLM-7B (Vicuna-7B + CLIP ViT-L/14 + SD 2.1-base), as weights/download.py writes
-    # it (python -m weights.download dreamllm-7b-chat); official.py reads its files
-    "dreamllm-7b": dict(official=Path(__file__).resolve().parent / "weights" / "dreamllm-7b-chat"),
-    "dreamllm-7b-aesthetic": dict(official=Path(__file__).resolve().parent / "weights" / "dreamllm-7b-chat-aesthetic"),
 }
 TOY_PARTS = ["tokenizer.json", "llm/config.json", "clip/config.json", "vae/config.json", "unet/config.json",
              "scheduler/scheduler_config.json"]
@@ -471,9 +412,6 @@ def build(preset="tiny", seed=0, **config) -> DreamLLM:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (have {', '.join(PRESETS)})")
     p = PRESETS[preset]
-    if "official" in p:  # nothing random: every tensor is the release's (bf16 on the CPU; see official.py)
-        import official
-        return official.load_official(p["official"], **config)
     config = replace(p["config"], **config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -30,9 +30,13 @@ import clip
 import llama
 import unet
 from checkpoint import CheckpointError, assign, read_config, read_state_dict
-from dreamllm import DreamConfig, DreamLLM, PromptFormat, sample_cfg
+from diffusion import sample_cfg
+from dreamllm import DreamConfig, DreamLLM, PromptFormat
 
 DOWNLOAD = "python -m weights.download dreamllm-7b-chat"
+# the released models, as weights/download.py writes them: preset name -> folder (cli.build_model)
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+PRESETS = {"dreamllm-7b": WEIGHTS / "dreamllm-7b-chat", "dreamllm-7b-aesthetic": WEIGHTS / "dreamllm-7b-chat-aesthetic"}
 # file -> {prefix in the file: prefix in our DreamLLM}. A key no prefix covers keeps its file's name in
 # front, so that a strict assign() names it as unexpected, with its file.
 LAYOUT = {

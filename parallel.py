@@ -10,6 +10,7 @@ for --grad-accum; one all-reduce per tensor after the last micro-batch is all da
 (It does not overlap communication with backward as DDP's buckets do: with only the small DreamLLM
 parts replicated, that costs little; the 7B LLM goes to FSDP, which does overlap.)
 """
+import atexit
 import os
 
 import torch
@@ -24,7 +25,18 @@ def init_distributed(device):  # -> (rank, world size, this process's device)
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world, device
+
+
+def batch_share(batch, world, device):
+    # this process's share of the global batch's label tokens and of its images with a diffusion loss:
+    # weighting its two losses by them makes the sum of the processes' gradients the global batch's
+    if world == 1:
+        return torch.ones(2, device=device)
+    images = len(batch["vae_pixels"]) if "vae_pixels" in batch else 0
+    counts = torch.tensor([(batch["labels"][:, 1:] != -100).sum().item(), images], device=device)
+    return (counts / all_sum(counts.clone(), world).clamp(min=1)).float()
 
 
 def all_sum(t, world):  # the sum over processes, in place

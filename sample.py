@@ -28,11 +28,13 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import data
-import dreamllm
 import official
-from checkpoint import CheckpointError
-from train import DEFAULT_PRESET, Help, Parser, Stop, autocast, pick_device, read_run, read_tensors
+from cli import Stop
+
+DEFAULT_PRESET = "toy"  # train.py's: what `python sample.py` samples (out/toy)
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,20 +44,20 @@ def load(args, device, dtype):
     # -> (model, its run's config or None): the checkpoint's preset, built, with its trained state loaded;
     # or the released model (--model: a preset such as dreamllm-7b, or its folder)
     if args.model:
-        folder = dreamllm.PRESETS.get(args.model, {}).get("official", args.model)
+        folder = official.PRESETS.get(args.model, args.model)
         return official.load_official(folder, device, dtype), None
     if args.untrained:
-        return dreamllm.build(args.preset or DEFAULT_PRESET, seed=args.seed), None
+        return cli.build_model(args.preset or DEFAULT_PRESET, seed=args.seed), None
     ckpt = Path(args.ckpt or f"out/{args.preset or DEFAULT_PRESET}")
-    run = read_run(ckpt)
+    run = checkpoint.read_run(ckpt)
     if run is None:
-        raise Stop(f"{ckpt}: no checkpoint there (no config.json); train one with train.py")
+        raise Stop(f"{ckpt}: no checkpoint there (no step-N/ folder); train one with train.py")
     if args.preset and run["preset"] != args.preset:
         raise Stop(f"{ckpt} holds a checkpoint of preset {run['preset']}, not {args.preset}")
     if Path(args.out).resolve() == ckpt.resolve():
         raise Stop(f"--out {args.out} is the checkpoint's folder; write samples somewhere else")
-    model = dreamllm.build(run["preset"], seed=run["seed"], **run["dream_config"])
-    model.load_trained_state(read_tensors(ckpt / "model.safetensors", run["step"]))
+    model = cli.build_model(run["preset"], seed=run["seed"], **run["dream_config"])
+    model.load_trained_state(checkpoint.read_tensors(run, "model"))
     return model, run
 
 
@@ -130,8 +132,8 @@ def evaluate(model, run, args, sampling, out):
 
 
 def main(argv=None):
-    p = Parser(description="Sample a trained DreamLLM: images, documents, answers; --eval scores it.",
-               formatter_class=Help)
+    p = cli.Parser(description="Sample a trained DreamLLM: images, documents, answers; --eval scores it.",
+               formatter_class=cli.Help)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text -> --num-images images (PNGs and a labelled grid.png)")
     what.add_argument("--document", help="continue this text into an interleaved document (document.html); "
@@ -168,57 +170,56 @@ def main(argv=None):
         p.error("--model is the released model: not with --eval (the toy world's), --ckpt or --untrained")
     if min(args.num_images, args.steps, args.eval_images, args.eval_questions) < 1:
         p.error("--num-images, --steps, --eval-images and --eval-questions must be at least 1")
-    try:
-        if args.image:  # read it first: a bad path fails before the model loads
-            try:
-                with Image.open(args.image) as f:
-                    image = f.convert("RGB")
-            except (OSError, UnidentifiedImageError) as e:
-                raise Stop(f"{args.image}: not a readable image ({e.__class__.__name__})") from None
-        device = pick_device(args.device)
-        dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-        # the baseline first: a missing SD folder fails before the 13.5 GB are read
-        sd = official.StableDiffusion(args.sd, device, dtype) if args.baseline_sd else None
-        model, run = load(args, device, dtype)
-        model = model.to(device).eval()
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same images on any device
-        sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, generator=g)
-        # the released model's weights are already in --dtype; the toy checkpoints run under bf16 autocast on CUDA
-        with torch.no_grad(), contextlib.nullcontext() if args.model else autocast(device):
-            if args.prompt is not None:
-                images = model.text_to_image(args.prompt, args.num_images, **sampling)
-                for i, im in enumerate(images):
-                    im.save(out / f"{slug(args.prompt)}_{i}.png")
-                rows = [(args.prompt, images)]
-                if sd is not None:  # the same prompt and seeds through plain SD
-                    sampling["generator"] = torch.Generator().manual_seed(args.seed)
-                    baseline = sd.text_to_image(args.prompt, args.num_images, image_size=model.config.image_size,
-                                                **sampling)
-                    for i, im in enumerate(baseline):
-                        im.save(out / f"sd_{slug(args.prompt)}_{i}.png")
-                    rows = [("DreamLLM: " + args.prompt, images), ("plain SD: " + args.prompt, baseline)]
-                grid(rows, scale=2 if images[0].width <= 128 else 1).save(out / "grid.png")
-                print(f"wrote {len(images) * len(rows)} images and grid.png to {out}")
-            elif args.document is not None:
-                # a text ending in <image> asks for an image there first (the rest is the model's choice)
-                text, force = args.document.rstrip(), args.document.rstrip().endswith(data.IMAGE_TOKEN)
-                text = text.removesuffix(data.IMAGE_TOKEN) if force else args.document
-                # (a chat model gets the request in its template; the toy's documents are plain text)
-                segments = model.generate(model.prompts.chat(text, document=True), max_new_tokens=args.max_new_tokens,
-                                          temperature=args.temperature, force_image=force, **sampling)
-                n = write_document(text, segments, out)
-                print(f"wrote {out / 'document.html'} with {n} image(s)")
-            elif args.image:
-                print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, generator=g))
-            else:
-                evaluate(model, run, args, sampling, out)
-    except (Stop, CheckpointError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"sample.py: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit("sample.py: interrupted") from None
+    cli.main(lambda: sample(args), "sample.py")
+
+
+def sample(args):
+    if args.image:  # read it first: a bad path fails before the model loads
+        try:
+            with Image.open(args.image) as f:
+                image = f.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise Stop(f"{args.image}: not a readable image ({e.__class__.__name__})") from None
+    device = cli.pick_device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    # the baseline first: a missing SD folder fails before the 13.5 GB are read
+    sd = official.StableDiffusion(args.sd, device, dtype) if args.baseline_sd else None
+    model, run = load(args, device, dtype)
+    model = model.to(device).eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same images on any device
+    sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, generator=g)
+    # the released model's weights are already in --dtype; the toy checkpoints run under bf16 autocast on CUDA
+    with torch.no_grad(), contextlib.nullcontext() if args.model else cli.autocast(device):
+        if args.prompt is not None:
+            images = model.text_to_image(args.prompt, args.num_images, **sampling)
+            for i, im in enumerate(images):
+                im.save(out / f"{slug(args.prompt)}_{i}.png")
+            rows = [(args.prompt, images)]
+            if sd is not None:  # the same prompt and seeds through plain SD
+                sampling["generator"] = torch.Generator().manual_seed(args.seed)
+                baseline = sd.text_to_image(args.prompt, args.num_images, image_size=model.config.image_size,
+                                            **sampling)
+                for i, im in enumerate(baseline):
+                    im.save(out / f"sd_{slug(args.prompt)}_{i}.png")
+                rows = [("DreamLLM: " + args.prompt, images), ("plain SD: " + args.prompt, baseline)]
+            grid(rows, scale=2 if images[0].width <= 128 else 1).save(out / "grid.png")
+            print(f"wrote {len(images) * len(rows)} images and grid.png to {out}")
+        elif args.document is not None:
+            # a text ending in <image> asks for an image there first (the rest is the model's choice)
+            text, force = args.document.rstrip(), args.document.rstrip().endswith(data.IMAGE_TOKEN)
+            text = text.removesuffix(data.IMAGE_TOKEN) if force else args.document
+            # (a chat model gets the request in its template; the toy's documents are plain text)
+            segments = model.generate(model.prompts.chat(text, document=True), max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, force_image=force, **sampling)
+            n = write_document(text, segments, out)
+            print(f"wrote {out / 'document.html'} with {n} image(s)")
+        elif args.image:
+            print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, generator=g))
+        else:
+            evaluate(model, run, args, sampling, out)
 
 
 if __name__ == "__main__":

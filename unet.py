@@ -1,4 +1,5 @@
-"""Stable Diffusion from scratch: the VAE, the UNet, their loaders (and, below, the DDPM/DDIM samplers).
+"""Stable Diffusion from scratch: the VAE and the UNet, and their loaders (the samplers and the loss
+are in diffusion.py; the original single-file checkpoints are converted in weights/convert.py).
 
 SD works in the latent space of a VAE: an image x in [-1, 1], (B, 3, H, W), is encoded to a Gaussian
 posterior whose mean, times `scaling_factor` (0.18215), is the latent z0, (B, 4, H/8, W/8). Training
@@ -6,8 +7,7 @@ noises it, z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, and the UNet learns eps
 cross-attending to a context of S vectors (77 CLIP text tokens in SD; 64 dream queries in DreamLLM).
 
 Module attribute names are diffusers' (UNet2DConditionModel, AutoencoderKL), so a diffusers folder
-loads with strict key checking and no renaming; the original single-file checkpoints (CompVis LDM
-layout) go through a short rename derived from the config's block structure.
+loads with strict key checking and no renaming.
 """
 import math
 import re
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from checkpoint import CheckpointError, assign, read_config, read_state_dict, weight_files
 
@@ -168,7 +169,7 @@ PRESETS = {
 }
 
 
-def _config(config, cls, part):
+def as_config(config, cls, part):
     """A preset name or entry, a diffusers config.json dict, or one of our configs -> our config."""
     if isinstance(config, dict) and part in config:  # PRESETS[name] itself
         config = config[part]
@@ -521,11 +522,11 @@ class VAE(nn.Module):
 
 def build_unet(config) -> UNet:
     """Random init from a diffusers config.json dict, a preset name or a UNetConfig (works on meta)."""
-    return UNet(_config(config, UNetConfig, "unet"))
+    return UNet(as_config(config, UNetConfig, "unet"))
 
 
 def build_vae(config) -> VAE:
-    return VAE(_config(config, VAEConfig, "vae"))
+    return VAE(as_config(config, VAEConfig, "vae"))
 
 
 WEIGHT_NAMES = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -562,275 +563,12 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
     return _load(path, "vae", VAEConfig, VAE, device, dtype, rename)
 
 
-# The original single file (CompVis LDM layout). Its UNet numbers sub-modules: input_blocks.{i}.{0: resnet
-# or downsampler, 1: transformer}, middle_block.{0,1,2}, output_blocks.{i}.{0: resnet, 1: transformer,
-# last: upsampler}; inside a resnet the layers are numbered, inside a transformer the names are ours.
-# So a key renames as (module prefix -> our prefix) + (leaf rename); the prefixes follow from the config.
-_LDM_UNET_LEAVES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-_LDM_VAE_LEAVES = {"nin_shortcut": "conv_shortcut", "norm": "group_norm", "q": "to_q", "k": "to_k",
-                   "v": "to_v", "proj_out": "to_out.0"}
-
-
-def _ldm_unet_prefixes(c: UNetConfig):
-    L, n = c.layers_per_block, len(c.channels)
-    p = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-         "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
-         "middle_block.2": "mid_block.resnets.1"}
-    i = 1  # input_blocks.0 is conv_in
-    for b in range(n):
-        for j in range(L):
-            p[f"input_blocks.{i}.0"] = f"down_blocks.{b}.resnets.{j}"
-            p[f"input_blocks.{i}.1"] = f"down_blocks.{b}.attentions.{j}"
-            i += 1
-        if b < n - 1:
-            p[f"input_blocks.{i}.0.op"] = f"down_blocks.{b}.downsamplers.0.conv"
-            i += 1
-    for b in range(n):  # output_blocks run from the lowest level up, like up_blocks
-        for j in range(L + 1):
-            i = b * (L + 1) + j
-            p[f"output_blocks.{i}.0"] = f"up_blocks.{b}.resnets.{j}"
-            p[f"output_blocks.{i}.1"] = f"up_blocks.{b}.attentions.{j}"
-            if j == L and b < n - 1:  # the upsampler comes after the transformer, if the level has one
-                p[f"output_blocks.{i}.{1 + c.cross_attn[n - 1 - b]}.conv"] = f"up_blocks.{b}.upsamplers.0.conv"
-    return p
-
-
-def _ldm_vae_prefixes(c: VAEConfig):
-    n = len(c.channels)
-    p = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
-    for part in ("encoder", "decoder"):
-        for ldm, ours in (("conv_in", "conv_in"), ("conv_out", "conv_out"), ("norm_out", "conv_norm_out"),
-                          ("mid.block_1", "mid_block.resnets.0"), ("mid.attn_1", "mid_block.attentions.0"),
-                          ("mid.block_2", "mid_block.resnets.1")):
-            p[f"{part}.{ldm}"] = f"{part}.{ours}"
-    for i in range(n):
-        for j in range(c.layers_per_block + 1):
-            p[f"encoder.down.{i}.block.{j}"] = f"encoder.down_blocks.{i}.resnets.{j}"
-            p[f"decoder.up.{n - 1 - i}.block.{j}"] = f"decoder.up_blocks.{i}.resnets.{j}"  # up.0 is the top level
-        p[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
-        p[f"decoder.up.{n - 1 - i}.upsample.conv"] = f"decoder.up_blocks.{i}.upsamplers.0.conv"
-    return p
-
-
-def _rename_ldm(state, prefixes, leaves):
-    """Each key: its longest module prefix found in `prefixes` is replaced, then the rest via `leaves`.
-    Keys no rule covers keep their name, so that assign() reports them as unexpected."""
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            head, rest = ".".join(parts[:cut]), parts[cut:]
-            if head in prefixes:
-                leaf = ".".join(rest[:-1])
-                key = ".".join([prefixes[head]] + ([leaves.get(leaf, leaf)] if leaf else []) + rest[-1:])
-                break
-        out[key] = value
-    return out
-
-
-def load_sd_checkpoint(path, unet_config, vae_config, device="cpu", dtype=torch.float32):
-    """An original single-file SD checkpoint (v1-5-pruned-emaonly.safetensors, v2-1_512-ema-pruned.safetensors)
-    -> (UNet, VAE). Configs: diffusers config dicts, presets ("sd-1.5", "sd-2.1-base") or our configs.
-    model.diffusion_model.* and first_stage_model.* are used; the text encoder (cond_stage_model.*), the
-    schedule buffers and a full file's separate model_ema.* copy are ignored. Pickled .ckpt files are not read."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file (expected an original single-file Stable Diffusion checkpoint)")
-    try:
-        uc, vc = _config(unet_config, UNetConfig, "unet"), _config(vae_config, VAEConfig, "vae")
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad config given for it: {e}") from None
-    # read only the UNet and the VAE: the file also holds the text encoder (1.4 GB in fp32 for SD 2.x)
-    state = read_state_dict([path], dtype=dtype, device=device,
-                            keep=lambda k: k.startswith(("model.diffusion_model.", "first_stage_model.")))
-
-    def part(prefix):
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    unet_sd, vae_sd = part("model.diffusion_model."), part("first_stage_model.")
-    if not unet_sd or not vae_sd:
-        raise CheckpointError(f"{path}: no model.diffusion_model.* or first_stage_model.* keys; "
-                              "not an original Stable Diffusion checkpoint")
-    vae_sd = _rename_ldm(vae_sd, _ldm_vae_prefixes(vc), _LDM_VAE_LEAVES)
-    for k, v in vae_sd.items():  # the VAE attention's q, k, v, proj_out are 1x1 convs there, Linear here
-        if ".attentions.0.to_" in k and v.ndim == 4:
-            vae_sd[k] = v.flatten(1)
-    with torch.device("meta"):
-        unet, vae = UNet(uc), VAE(vc)
-    assign(unet, _rename_ldm(unet_sd, _ldm_unet_prefixes(uc), _LDM_UNET_LEAVES), f"{path} (model.diffusion_model.*)")
-    assign(vae, vae_sd, f"{path} (first_stage_model.*)")
-    return unet.eval(), vae.eval()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Schedulers: the forward process q(x_t | x_0) and two ways to run it backwards.
-# DDPM (Ho et al. 2020, arXiv 2006.11239) and DDIM (Song et al. 2020, arXiv 2010.02502).
-# Built from a diffusers `scheduler_config.json` dict as the official repos ship it; keys that do
-# not concern these two samplers (`skip_prk_steps`, `_class_name`, ...) are ignored. The numbers
-# (timesteps, the previous timestep, when noise is drawn) follow diffusers so samples agree.
-
-# diffusers' defaults for a key the config leaves out (the same for DDPMScheduler and DDIMScheduler)
-SCHEDULER_DEFAULTS = dict(
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-    trained_betas=None, clip_sample=True, clip_sample_range=1.0, steps_offset=0,
-    prediction_type="epsilon", timestep_spacing="leading", thresholding=False,
-    rescale_betas_zero_snr=False, set_alpha_to_one=True, variance_type="fixed_small",
-)
-
-
-def _check(cfg, key, supported):
-    if cfg[key] not in supported:
-        raise ValueError(f"scheduler config: {key}={cfg[key]!r} is not supported (supported: {supported})")
-
-
-class _Scheduler:
-    def __init__(self, config: dict):
-        cfg = {**SCHEDULER_DEFAULTS, **{k: v for k, v in config.items() if k in SCHEDULER_DEFAULTS}}
-        _check(cfg, "beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))
-        _check(cfg, "prediction_type", ("epsilon", "v_prediction", "sample"))
-        _check(cfg, "timestep_spacing", ("leading", "trailing", "linspace"))
-        _check(cfg, "thresholding", (False,))  # Imagen's dynamic thresholding: unfit for latents
-        _check(cfg, "rescale_betas_zero_snr", (False,))
-        self.config = cfg
-        self.num_train_timesteps = T = cfg["num_train_timesteps"]
-        self.prediction_type = cfg["prediction_type"]
-        # the noise schedule beta_1..beta_T in float64, as the original LDM code computes it (diffusers
-        # works in float32, which moves alpha_bar by up to 5e-7); stored as float32
-        b0, b1 = cfg["beta_start"], cfg["beta_end"]
-        if cfg["trained_betas"] is not None:
-            betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
-            self.num_train_timesteps = T = len(betas)
-        elif cfg["beta_schedule"] == "linear":  # DDPM sec. 4
-            betas = torch.linspace(b0, b1, T, dtype=torch.float64)
-        elif cfg["beta_schedule"] == "scaled_linear":  # LDM / Stable Diffusion: linear in sqrt(beta)
-            betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
-        else:  # improved DDPM eq. 17: alpha_bar(t) = cos^2(pi/2 (t/T + s)/(1 + s)), betas capped at 0.999
-            f = lambda i: math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(T)], dtype=torch.float64)
-        self.betas = betas.float()
-        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()  # alpha_bar_t, DDPM eq. 4
-        self.num_inference_steps = None
-        self.timesteps = torch.arange(T - 1, -1, -1)  # every training step, until set_timesteps(n)
-
-    def set_timesteps(self, n: int):
-        T, spacing = self.num_train_timesteps, self.config["timestep_spacing"]
-        if not 1 <= n <= T:
-            raise ValueError(f"set_timesteps: n={n} must be between 1 and num_train_timesteps={T}")
-        self.num_inference_steps = n
-        # the three spacings of Lin et al. 2023 (arXiv 2305.08891), table 2; rounding half to even
-        if spacing == "leading":  # 0, T//n, 2T//n, ... then shifted: never reaches t = T-1
-            t = torch.arange(n) * (T // n) + self.config["steps_offset"]
-        elif spacing == "trailing":  # T, T - T/n, ... > 0, minus one: always starts at t = T-1
-            # numpy.arange(T, 0, -T/n) to the last bit (diffusers' source): its step is (T - T/n) - T
-            step = (T - T / n) - T
-            t = (T + torch.arange(math.ceil(T / (T / n)), dtype=torch.float64) * step).round().long() - 1
-        else:  # linspace: n points from 0 to T-1 inclusive
-            t = (torch.arange(n, dtype=torch.float64) * ((T - 1) / max(n - 1, 1))).round().long()
-        self.timesteps = t.sort(descending=True).values
-
-    def snr(self, t):
-        # signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), e.g. for min-SNR loss weighting
-        alpha_bar_t = self.alphas_cumprod.to(getattr(t, "device", "cpu"))[t]
-        return alpha_bar_t / (1 - alpha_bar_t)
-
-    def _coefficients(self, x, t):
-        # sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) for t of shape () or (B,), as (B, 1, 1, 1)
-        t = torch.as_tensor(t, device=x.device)
-        alpha_bar_t = self.alphas_cumprod.to(x.device)[t].reshape(-1, *[1] * (x.dim() - 1))
-        return alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
-
-    def add_noise(self, x0, noise, t):
-        # q(x_t | x_0), DDPM eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-        a, s = self._coefficients(x0, t)
-        return (a * x0.float() + s * noise.float()).to(x0.dtype)
-
-    def velocity(self, x0, noise, t):
-        # the v-prediction target (Salimans & Ho 2022, sec. 4): v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
-        a, s = self._coefficients(x0, t)
-        return (a * noise.float() - s * x0.float()).to(x0.dtype)
-
-    def predict_x0_eps(self, model_output, alpha_bar_t, x_t):
-        # whatever the model predicts, turn it into (x_0, eps), where x_t = sqrt(abar) x_0 + sqrt(1-abar) eps
-        a, s = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
-        if self.prediction_type == "epsilon":
-            eps = model_output
-            x0 = (x_t - s * eps) / a  # DDIM eq. 9
-        elif self.prediction_type == "v_prediction":  # v = a eps - s x_0, so:
-            x0 = a * x_t - s * model_output
-            eps = a * model_output + s * x_t
-        else:  # "sample": the model predicts x_0 itself
-            x0 = model_output
-            eps = (x_t - a * x0) / s
-        if self.config["clip_sample"]:  # pixel-space models clip x_0 to the data range; SD does not
-            r = self.config["clip_sample_range"]
-            x0 = x0.clamp(-r, r)
-        return x0, eps
-
-    def _noise(self, noise, like, generator):
-        # the step's Gaussian draw: given, or drawn like diffusers does (same shape, dtype, generator),
-        # on the generator's device, so a CPU generator reproduces the same image on any device
-        if noise is None:
-            device = generator.device if generator is not None else like.device
-            noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
-        return noise.to(like.device, torch.float32)
-
-
-class DDIM(_Scheduler):
-    def __init__(self, config: dict):
-        super().__init__(config)
-        # alpha_bar "before" the first training step: 1 (clean data) or alpha_bar_0 as SD ships it
-        one = torch.tensor(1.0)
-        self.final_alpha_cumprod = one if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-
-    def step(self, model_output, t, sample, eta=0.0, noise=None, generator=None):
-        if self.num_inference_steps is None:
-            raise ValueError("DDIM.step: call set_timesteps(n) first")
-        t = int(t)
-        # as diffusers: the previous timestep is t - T//n for every spacing (for "linspace" this is
-        # not always the next entry of self.timesteps, but it is what the official samplers compute)
-        t_prev = t - self.num_train_timesteps // self.num_inference_steps
-        alpha_bar_t = self.alphas_cumprod[t]
-        alpha_bar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
-        x_t = sample.float()  # scheduler math in fp32, whatever the UNet ran in
-        x0, eps = self.predict_x0_eps(model_output.float(), alpha_bar_t, x_t)
-        # eq. 16: sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev);
-        # eta = 1 is DDPM's posterior, eta = 0 the deterministic DDIM
-        sigma_t = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
-        # eq. 12: x_prev = sqrt(abar_prev) x_0  +  sqrt(1 - abar_prev - sigma_t^2) eps  +  sigma_t z
-        x_prev = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma_t**2).sqrt() * eps
-        if eta > 0:
-            x_prev = x_prev + sigma_t * self._noise(noise, x_t, generator)
-        return x_prev.to(sample.dtype)
-
-
-class DDPM(_Scheduler):
-    def __init__(self, config: dict):
-        super().__init__(config)
-        _check(self.config, "variance_type", ("fixed_small",))
-
-    def step(self, model_output, t, sample, noise=None, generator=None):
-        t = int(t)
-        # the previous timestep is the next entry of self.timesteps (t - 1 when running all T steps)
-        hits = (self.timesteps == t).nonzero()
-        if len(hits) == 0:
-            raise ValueError(f"DDPM.step: t={t} is not one of self.timesteps (see set_timesteps)")
-        i = hits[0, 0].item()
-        t_prev = self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else -1
-        alpha_bar_t = self.alphas_cumprod[t]
-        alpha_bar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.tensor(1.0)
-        # with strided steps, the step's own alpha_t and beta_t follow from the alpha_bars
-        alpha_t = alpha_bar_t / alpha_bar_prev
-        beta_t = 1 - alpha_t
-        x_t = sample.float()
-        x0, _ = self.predict_x0_eps(model_output.float(), alpha_bar_t, x_t)
-        # eq. 7, the posterior q(x_prev | x_t, x_0) = N(mu_t, beta_tilde_t):
-        # mu_t = sqrt(abar_prev) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
-        mu_t = ((alpha_bar_prev.sqrt() * beta_t / (1 - alpha_bar_t)) * x0
-                + (alpha_t.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x_t)
-        x_prev = mu_t
-        if t > 0:  # diffusers draws whenever t > 0 (even when t_prev = -1, with beta_tilde ~ 0)
-            # beta_tilde_t = (1 - abar_prev) / (1 - abar_t) beta_t, sec. 3.2's "fixed_small" choice
-            beta_tilde_t = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20)
-            x_prev = mu_t + beta_tilde_t.sqrt() * self._noise(noise, x_t, generator)
-        return x_prev.to(sample.dtype)
+def preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    # PIL -> (3, size, size) in [-1, 1], what the VAE encodes: shortest side to `size` (bicubic), then
+    # the centre crop
+    im, k = image.convert("RGB"), size / min(image.size)
+    im = im.resize((max(size, round(im.width * k)), max(size, round(im.height * k))), Image.BICUBIC)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    return x.float() / 127.5 - 1

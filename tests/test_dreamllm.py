@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import clip
+import diffusion
 import dreamllm
 import llama
 import unet
@@ -26,6 +27,18 @@ def docs():  # 4 one-image documents, text after each image
 @pytest.fixture(scope="module")
 def model():
     return dreamllm.build("tiny")
+
+
+def with_noise(m, batch, seed):
+    # a training step's draws for the batch's images: image i from a generator seeded seed + i
+    if "vae_pixels" in batch:
+        n = len(batch["vae_pixels"])
+        batch["noise"] = m.draw_noise([torch.Generator().manual_seed(seed + i) for i in range(n)])
+    return batch
+
+
+def losses(m, documents, seed=0):
+    return m(**with_noise(m, m.collate(documents), seed))
 
 
 def eos_never(m):
@@ -66,7 +79,8 @@ def test_embedding_resize_keeps_old_rows_and_new_rows_are_the_mean(tied):
     else:
         assert torch.equal(head.weight[:256], old_head)
         assert torch.allclose(head.weight[256:], old_head.mean(0).expand(n - 256, -1))
-    assert m(m.collate(docs()[:1]), torch.Generator().manual_seed(0))["loss"].isfinite()
+    out = losses(m, docs()[:1])
+    assert out["lm"].isfinite() and out["diffusion"].isfinite()
 
 
 def test_build_is_deterministic_and_leaves_the_global_rng_alone():
@@ -103,9 +117,12 @@ def test_collate_pads_right_and_keeps_image_order(model):
     lengths = [len(model.encode_document(*d)[0]) for d in [("x<image>y<image>", 2), ("much longer text<image>", 1),
                                                             ("none", 0)]]
     assert batch["input_ids"].shape == (3, max(lengths))
-    assert batch["images"] == ims
+    # the pixels of each image, in order: CLIP's for the read slots, the VAE's for the diffusion loss
+    assert torch.equal(batch["clip_pixels"], torch.stack([clip.preprocess(im, 32) for im in ims]))
+    assert torch.equal(batch["vae_pixels"], torch.stack([unet.preprocess(im, 64) for im in ims]))
+    assert batch["vae_pixels"].min() >= -1 and batch["vae_pixels"].max() <= 1
     for b, n in enumerate(lengths):
-        assert batch["attention_mask"][b].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert (batch["input_ids"][b, n:] == model.eos_id).all()
         assert (batch["labels"][b, n:] == -100).all()
         assert batch["input_ids"][b, :n].tolist() == model.encode_document(*[("x<image>y<image>", 2),
                                                                             ("much longer text<image>", 1),
@@ -137,34 +154,38 @@ def test_embed_fills_slots_in_order(model):
 # ---- losses ------------------------------------------------------------------------------------------
 
 def test_lm_loss_is_shifted_cross_entropy_on_labels(model):
-    m = dreamllm.build("tiny", diffusion_weight=0.0)
-    batch = m.collate(docs()[:2])
+    batch = model.collate(docs()[:2], diffusion=False)
+    assert "vae_pixels" not in batch
     with torch.no_grad():
-        out = m(batch)
-        logits = m.llm(inputs_embeds=m.embed(batch["input_ids"], m.clip_pixels(batch["images"])))
+        out = model(**batch)
+        logits = model.llm(inputs_embeds=model.embed(batch["input_ids"], batch["clip_pixels"]))
     keep = batch["labels"][:, 1:] != -100
     hand = F.cross_entropy(logits[:, :-1][keep], batch["labels"][:, 1:][keep])
     assert torch.allclose(out["lm"], hand, rtol=1e-6) and out["diffusion"] == 0
-    assert torch.allclose(out["loss"], hand, rtol=1e-6)
 
 
 def hand_diffusion_loss(m, batch, seed, prediction_type, target, gamma, null=False):
-    # The whole diffusion loss redone step by step, from the same generator draws in the same order
-    # (dropout, posterior sample, noise, timesteps), with the textbook formulas.
-    g = torch.Generator().manual_seed(seed)
-    ids, images = batch["input_ids"], batch["images"]
+    # The whole diffusion loss redone step by step, from the same draws in the same order (for each
+    # image from its own generator: dropout, posterior sample, noise, timestep), with the textbook
+    # formulas.
+    ids, n = batch["input_ids"], len(batch["vae_pixels"])
     with torch.no_grad():
-        h = m.llm.hidden_states(inputs_embeds=m.embed(ids, m.clip_pixels(images)))
+        h = m.llm.hidden_states(inputs_embeds=m.embed(ids, batch["clip_pixels"]))
         if null:  # the condition of every image replaced by the null condition
-            context = m.null_condition().expand(len(images), -1, -1)
+            context = m.null_condition().expand(n, -1, -1)
         else:
             starts = (ids == m.token_id["<dream_start>"]).nonzero().tolist()
             context = torch.stack([m.condition_projector(h[b, s + 1:s + 1 + 8]) for b, s in starts])
-        torch.rand(len(images), generator=g)
-        mean, logvar = m.vae.encode(m.vae_pixels(images))
-        z0 = m.vae.scaling_factor * (mean + torch.exp(logvar / 2) * torch.randn(mean.shape, generator=g))
-        eps = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, 1000, (len(images),), generator=g)
+        mean, logvar = m.vae.encode(batch["vae_pixels"])
+        post, eps, t = [], [], []
+        for i in range(n):
+            g = torch.Generator().manual_seed(seed + i)
+            torch.rand(1, generator=g)
+            post.append(torch.randn(mean.shape[1:], generator=g))
+            eps.append(torch.randn(mean.shape[1:], generator=g))
+            t.append(torch.randint(0, 1000, (), generator=g))
+        post, eps, t = torch.stack(post), torch.stack(eps), torch.stack(t)
+        z0 = m.vae.scaling_factor * (mean + torch.exp(logvar / 2) * post)
         abar = m.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         z_t = a * z0 + s * eps
@@ -192,26 +213,24 @@ def hand_diffusion_loss(m, batch, seed, prediction_type, target, gamma, null=Fal
     ("epsilon", "epsilon", 5.0), ("epsilon", "v", 5.0), ("epsilon", "x0", 5.0),
     ("v_prediction", "epsilon", None), ("v_prediction", "v", 5.0), ("v_prediction", "x0", 1.0)])
 def test_diffusion_loss_equals_hand_computation(prediction_type, target, gamma):
-    m = dreamllm.build("tiny", lm_weight=0.0, diffusion_weight=1.0, cond_dropout=0.0, target=target,
-                       min_snr_gamma=gamma)
+    m = dreamllm.build("tiny", cond_dropout=0.0, target=target, min_snr_gamma=gamma)
     if prediction_type != "epsilon":  # the same frozen UNet, read as a v-predictor
         m.scheduler_config["prediction_type"] = prediction_type
-        m.noise_scheduler = unet.DDPM(m.scheduler_config)
+        m.noise_scheduler = diffusion.DDPM(m.scheduler_config)
     batch = m.collate(docs())
     with torch.no_grad():
-        out = m(batch, torch.Generator().manual_seed(7))
+        out = m(**with_noise(m, batch, 7))
     hand = hand_diffusion_loss(m, batch, 7, prediction_type, target, gamma)
-    assert out["lm"] == 0 and torch.allclose(out["loss"], out["diffusion"])
     assert torch.allclose(out["diffusion"], hand, rtol=1e-5, atol=0), (out["diffusion"], hand)
-    with torch.no_grad():  # and the draws really come from the generator: another seed, another loss
-        assert not torch.allclose(m(batch, torch.Generator().manual_seed(8))["diffusion"], hand)
+    with torch.no_grad():  # and the draws really come from the generators: other seeds, another loss
+        assert not torch.allclose(m(**with_noise(m, batch, 8))["diffusion"], hand)
 
 
 def test_condition_dropout_uses_the_null_condition():
-    m = dreamllm.build("tiny", lm_weight=0.0, diffusion_weight=1.0, cond_dropout=1.0)
+    m = dreamllm.build("tiny", cond_dropout=0.999)  # (a coin of rand() < 0.999: all dropped here)
     batch = m.collate(docs()[:2])
     with torch.no_grad():
-        out = m(batch, torch.Generator().manual_seed(3))
+        out = m(**with_noise(m, batch, 3))
     assert torch.allclose(out["diffusion"], hand_diffusion_loss(m, batch, 3, "epsilon", "epsilon", None, null=True),
                           rtol=1e-5)
     q = m.null_condition()
@@ -227,14 +246,14 @@ def test_condition_dropout_uses_the_null_condition():
 
 def test_batch_without_images_has_no_diffusion_loss(model):
     with torch.no_grad():
-        out = model(model.collate([("just text", []), ("more text here", [])]), torch.Generator().manual_seed(0))
-    assert out["diffusion"] == 0 and out["lm"] > 0 and torch.allclose(out["loss"], out["lm"])
+        out = losses(model, [("just text", []), ("more text here", [])])
+    assert out["diffusion"] == 0 and out["lm"] > 0
 
 
 def test_forward_is_reproducible_from_the_generator(model):
     batch = model.collate(docs()[:2])
     with torch.no_grad():
-        a, b = (model(batch, torch.Generator().manual_seed(5))["loss"] for _ in range(2))
+        a, b = (model(**with_noise(model, batch, 5))["diffusion"] for _ in range(2))
     assert torch.equal(a, b)
 
 
@@ -255,10 +274,11 @@ def test_frozen_modules_get_no_gradient_and_stay_bit_identical(stage):
     llm_before = m.llm.model.layers[0].mlp.up_proj.weight.detach().clone()
     trained = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-3)
-    batch, g = m.collate(docs()), torch.Generator().manual_seed(0)
-    for _ in range(3):
+    batch = m.collate(docs())
+    for step in range(3):
         opt.zero_grad()
-        m(batch, g)["loss"].backward()
+        out = m(**with_noise(m, batch, 10 * step))
+        (out["lm"] + 10 * out["diffusion"]).backward()
         for k, mod in frozen.items():
             assert all(p.grad is None for p in mod.parameters()), f"{k} received a gradient"
         for name in ["dream_queries", "condition_projector", "visual_projector"]:
@@ -294,7 +314,7 @@ def test_guidance_one_is_the_conditional_prediction(model, monkeypatch, sampler)
     hand = {}
     for g_scale in (1.0, 3.0):
         gen = torch.Generator().manual_seed(2)
-        sched = (unet.DDIM if sampler == "ddim" else unet.DDPM)(model.scheduler_config)
+        sched = (diffusion.DDIM if sampler == "ddim" else diffusion.DDPM)(model.scheduler_config)
         sched.set_timesteps(3)
         z = torch.randn(2, 4, 16, 16, generator=gen)
         with torch.no_grad():

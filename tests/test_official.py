@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import cli
 import clip
 import dreamllm
 import llama
@@ -161,12 +162,12 @@ def test_official_prompt_formats(model, monkeypatch):
 
 
 def test_build_resolves_the_preset(release, monkeypatch, tmp_path):
-    monkeypatch.setitem(dreamllm.PRESETS, "dreamllm-7b", dict(official=release[0]))
-    m = dreamllm.build("dreamllm-7b", **SMALL)
+    monkeypatch.setitem(official.PRESETS, "dreamllm-7b", release[0])
+    m = cli.build_model("dreamllm-7b", **SMALL)
     assert m.prompts is official.VICUNA_V1_1 and m.config.image_size == 64
-    monkeypatch.setitem(dreamllm.PRESETS, "dreamllm-7b", dict(official=tmp_path / "nothing"))
+    monkeypatch.setitem(official.PRESETS, "dreamllm-7b", tmp_path / "nothing")
     with pytest.raises(CheckpointError) as e:
-        dreamllm.build("dreamllm-7b")
+        cli.build_model("dreamllm-7b")
     assert "\n" not in str(e.value) and "python -m weights.download dreamllm-7b-chat" in str(e.value)
 
 
@@ -261,7 +262,7 @@ def test_clip_tokenizer_equals_transformers(sd_folder):
     assert got[0][-1] == ref.convert_tokens_to_ids("!")  # SD 2.x pads with "!"
 
 
-def test_plain_sd_and_sample_side_by_side(release, sd_folder, tmp_path, monkeypatch):
+def test_plain_sd_and_sample_side_by_side(release, sd_folder, tmp_path, monkeypatch, capsys):
     sd = official.StableDiffusion(sd_folder)
     images = sd.text_to_image("a red bicycle", 2, steps=2, image_size=64, progress=False,
                               generator=torch.Generator().manual_seed(0))
@@ -277,8 +278,10 @@ def test_plain_sd_and_sample_side_by_side(release, sd_folder, tmp_path, monkeypa
     with pytest.raises(SystemExit) as e:  # no SD folder: one line naming the download
         sample.main(["--model", str(release[0]), "--prompt", "x", "--baseline-sd", "--sd", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o"), "--device", "cpu"])
-    assert "python -m weights.download sd-2.1-base" in e.value.code and "\n" not in e.value.code
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "python -m weights.download sd-2.1-base" in err and "\n" not in err
     with pytest.raises(SystemExit) as e:  # no release folder: one line naming the download
         sample.main(["--model", str(tmp_path / "none"), "--prompt", "x", "--out", str(tmp_path / "o"),
                      "--device", "cpu"])
-    assert "python -m weights.download dreamllm-7b-chat" in e.value.code and "\n" not in e.value.code
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and "python -m weights.download dreamllm-7b-chat" in err and "\n" not in err

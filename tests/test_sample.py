@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import dreamllm
 import sample
 import train
 
@@ -39,12 +40,13 @@ def one_line_error(r):
     return lines[0]
 
 
-def fails(argv):
-    # in-process: sample.main exits with a one-line message (SystemExit(str) prints it to stderr, status 1)
+def fails(argv, capsys):
+    # in-process: sample.main exits with status 1 and a one-line message on stderr
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
-    assert isinstance(e.value.code, str) and "\n" not in e.value.code and e.value.code.startswith("sample.py: ")
-    return e.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith("sample.py: "), err
+    return err[0]
 
 
 def test_prompt_writes_pngs_and_a_grid(ckpt, tmp_path):
@@ -73,13 +75,13 @@ def test_document_html_references_images_that_exist(ckpt, tmp_path):
 def test_answer_asks_in_the_training_format_and_prints_the_reply(ckpt, tmp_path, capsys, monkeypatch):
     picture, asked = tmp_path / "q.png", []
     data.draw(data.caption_example(0, 0, "eval")[1]).save(picture)
-    generate = sample.dreamllm.DreamLLM.generate
+    generate = dreamllm.DreamLLM.generate
 
     def spy(self, text, images=(), **kw):
         asked.append((text, images, kw["max_images"]))
         generate(self, text, images, **kw)  # really run it, then answer for the test
         return [" blue"]
-    monkeypatch.setattr(sample.dreamllm.DreamLLM, "generate", spy)
+    monkeypatch.setattr(dreamllm.DreamLLM, "generate", spy)
     sample.main(["--ckpt", ckpt, "--image", str(picture), "--question", "What colour is it?",
                  "--max-new-tokens", "3", "--out", str(tmp_path / "o")])
     assert capsys.readouterr().out == "blue\n"
@@ -108,27 +110,27 @@ def test_eval_judges_the_images_it_writes(tmp_path, monkeypatch, capsys):
         colour, shape = prompt.split()[1:]
         scene = data.Scene((data.Shape(colour, shape, "large", "in the middle"),))
         return [data.draw(scene)] * n
-    monkeypatch.setattr(sample.dreamllm.DreamLLM, "text_to_image", drawn)
+    monkeypatch.setattr(dreamllm.DreamLLM, "text_to_image", drawn)
     sample.main(["--untrained", "--preset", "tiny", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert (report["colour_accuracy"], report["shape_accuracy"], report["vqa_accuracy"]) == (1.0, 1.0, None)
-    monkeypatch.setattr(sample.dreamllm.DreamLLM, "text_to_image",
+    monkeypatch.setattr(dreamllm.DreamLLM, "text_to_image",
                         lambda self, prompt, n, **kw: [Image.new("RGB", (64, 64), data.BACKGROUND)] * n)
     sample.main(["--untrained", "--preset", "tiny", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert (report["colour_accuracy"], report["shape_accuracy"]) == (0.0, 0.0)
 
 
-def test_bad_input_exits_with_one_line(ckpt, tmp_path):
+def test_bad_input_exits_with_one_line(ckpt, tmp_path, capsys):
     assert "no checkpoint" in one_line_error(run("--ckpt", str(tmp_path / "none"), "--prompt", "a red circle"))
     one_line_error(run("--ckpt", ckpt, "--prompt", "x", "--no-such-flag"))
     r = run("-h")
     assert r.returncode == 0 and "--document" in r.stdout and "--eval" in r.stdout
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
-    assert "not a readable image" in fails(["--ckpt", ckpt, "--image", str(not_an_image), "--question", "what?"])
-    assert "preset tiny, not toy" in fails(["--ckpt", ckpt, "--preset", "toy", "--prompt", "a red circle"])
-    assert "checkpoint's folder" in fails(["--ckpt", ckpt, "--prompt", "a red circle", "--out", ckpt])
+    assert "not a readable image" in fails(["--ckpt", ckpt, "--image", str(not_an_image), "--question", "what?"], capsys)
+    assert "preset tiny, not toy" in fails(["--ckpt", ckpt, "--preset", "toy", "--prompt", "a red circle"], capsys)
+    assert "checkpoint's folder" in fails(["--ckpt", ckpt, "--prompt", "a red circle", "--out", ckpt], capsys)
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", ckpt, "--image", str(not_an_image)])  # no --question
     assert e.value.code == 2

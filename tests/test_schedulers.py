@@ -7,7 +7,7 @@ import torch
 
 from diffusers import DDIMScheduler, DDPMScheduler  # the reference, a test-only dependency
 
-from unet import DDIM, DDPM
+from diffusion import DDIM, DDPM
 
 # scheduler/scheduler_config.json exactly as the official repos ship them
 SD15 = {  # runwayml/stable-diffusion-v1-5

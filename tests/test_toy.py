@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 import clip
 import data
+import diffusion
 import llama
 import unet
 from checkpoint import read_config
@@ -89,8 +90,8 @@ def test_vae_reconstructs_what_analyse_sees():
 
 def test_unet_loads_and_denoises(tok, text_encoder):
     model, vae = unet.load_unet(TOY / "unet"), unet.load_vae(TOY / "vae")
-    ddpm = unet.DDPM(read_config(TOY / "scheduler", "scheduler_config.json"))
-    assert ddpm.prediction_type == "epsilon" and model.config.context_dim == text_encoder.config.text.width
+    ddpm = diffusion.DDPM(read_config(TOY / "scheduler", "scheduler_config.json"))
+    assert ddpm.prediction == "epsilon" and model.config.context_dim == text_encoder.config.text.width
     scenes = single(2, 8)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

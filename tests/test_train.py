@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
+import checkpoint
+import cli
 import data
 import dreamllm
 import train
+from whitening import Whitening
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--log-every", "1"]
@@ -37,17 +39,16 @@ def fails(argv, capsys, code=1):
     return line
 
 
-def state(folder, name="model.safetensors"):
-    return load_file(Path(folder) / name)
+def state(folder, name="model"):  # the tensors of a run's newest checkpoint
+    return checkpoint.read_tensors(checkpoint.read_run(folder), name)
 
 
-def step_of(folder):
-    folder = Path(folder)
-    metas = []
-    for name in ("model.safetensors", "train_state.safetensors"):
-        with safe_open(folder / name, "pt") as f:
+def step_of(folder):  # the newest checkpoint's step, as its config.json and its two files record it
+    run, metas = checkpoint.read_run(folder), []
+    for name in ("model", "train_state"):
+        with safe_open(run["path"] / f"{name}.safetensors", "pt") as f:
             metas.append(int(f.metadata()["step"]))
-    return json.loads((folder / "config.json").read_text())["step"], *metas
+    return run["step"], *metas
 
 
 # ---- the entry point --------------------------------------------------------------------------------
@@ -56,8 +57,9 @@ def test_entry_point_trains_prints_the_loss_and_checkpoints(tmp_path):
     r = run("train.py", "--preset", "tiny", "--steps", "20", "--device", "cpu", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 20/20" in r.stdout and "loss" in r.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "train_state.safetensors"]
-    config = json.loads((tmp_path / "config.json").read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["step-20"]  # the checkpoint, whole; nothing else
+    assert sorted(p.name for p in (tmp_path / "step-20").iterdir()) == sorted(checkpoint.RUN_FILES)
+    config = json.loads((tmp_path / "step-20" / "config.json").read_text())
     assert (config["preset"], config["stage"], config["step"], config["steps"]) == ("tiny", "I-creation", 20, 20)
     assert set(state(tmp_path)) == {"dream_queries", "condition_projector.weight", "new_tokens.embed_tokens",
                                     "new_tokens.lm_head"}
@@ -108,7 +110,7 @@ def test_whitening_makes_the_projector_input_isotropic():
     w0 = model.condition_projector.weight.detach().clone()
     example = lambda e: ((f"a {['red', 'blue', 'green'][e % 3]} {['circle', 'square'][e % 2]} <image>", [None]) if e % 5
                          else ("<image> then text", [None]))  # noqa: E731: captions and, every 5th, the null
-    white = train.Whitening(model, example)
+    white = Whitening(model, example)
     with torch.no_grad():
         h = torch.cat([model.dream_states(example(e)[0].split(data.IMAGE_TOKEN)[0])[0] for e in range(white.N_PROMPTS)])
     second_moment = white.Z @ (h.T @ h / len(h)) @ white.Z
@@ -124,34 +126,34 @@ def test_whitening_makes_the_projector_input_isotropic():
     assert torch.equal(white.prime, w0 + 1.0)  # W' and W are two tensors: update() writes W only
     # a trained one (--init) is kept: a change of coordinates, W where it was
     model.condition_projector.weight.data.copy_(w0)
-    kept = train.Whitening(model, example, keep=True)
+    kept = Whitening(model, example, keep=True)
     assert torch.allclose(kept.prime @ kept.Z, w0, atol=1e-4)
     assert torch.allclose(model.condition_projector.weight, w0, atol=1e-4)
 
 
-def test_whitened_run_saves_w_as_w_prime_z_and_no_whiten_trains_plain(tmp_path):
-    train.main(FAST + ["--steps", "2", "--out", str(tmp_path / "w")])
-    state, weights = load_file(tmp_path / "w" / "train_state.safetensors"), load_file(tmp_path / "w" / "model.safetensors")
-    assert torch.equal(state["whitening.prime"] @ state["whitening.Z"], weights["condition_projector.weight"])
-    train.main(FAST + ["--steps", "2", "--no-whiten", "--out", str(tmp_path / "plain")])
-    plain = load_file(tmp_path / "plain" / "model.safetensors")
-    assert not any(k.startswith("whitening.") for k in load_file(tmp_path / "plain" / "train_state.safetensors"))
+def test_whitened_run_saves_w_as_w_prime_z_and_by_default_trains_plain(tmp_path):
+    train.main(FAST + ["--steps", "2", "--whiten", "--out", str(tmp_path / "w")])
+    white, weights = state(tmp_path / "w", "train_state"), state(tmp_path / "w")
+    assert torch.equal(white["whitening.prime"] @ white["whitening.Z"], weights["condition_projector.weight"])
+    train.main(FAST + ["--steps", "2", "--out", str(tmp_path / "plain")])  # the paper's method: no trick
+    plain = state(tmp_path / "plain")
+    assert not any(k.startswith("whitening.") for k in state(tmp_path / "plain", "train_state"))
     assert not torch.allclose(plain["condition_projector.weight"], weights["condition_projector.weight"])
 
 
 def test_dream_queries_step_at_a_tenth_of_the_lr_while_whitened(tmp_path):
     q0 = dreamllm.build("tiny").dream_queries.detach()
-    for flags, lr_scale in (([], train.Whitening.QUERY_LR), (["--no-whiten"], 1.0)):
+    for flags, lr_scale in ((["--whiten"], Whitening.QUERY_LR), ([], 1.0)):
         out = tmp_path / str(lr_scale)
         train.main(FAST + ["--steps", "1", "--lr", "1e-3", "--out", str(out)] + flags)
-        step = (load_file(out / "model.safetensors")["dream_queries"] - q0).abs().max().item()
+        step = (state(out)["dream_queries"] - q0).abs().max().item()
         assert abs(step - 1e-3 * lr_scale) < 1e-5 * lr_scale, (flags, step)  # AdamW's first step moves each entry by lr
 
 
 def test_whitened_projector_without_a_diffusion_loss_gets_no_gradient_and_stays(tmp_path):
-    train.main(FAST + ["--steps", "2", "--diffusion-weight", "0", "--out", str(tmp_path)])
-    w = load_file(tmp_path / "model.safetensors")["condition_projector.weight"]
-    Z = load_file(tmp_path / "train_state.safetensors")["whitening.Z"]
+    train.main(FAST + ["--steps", "2", "--diffusion-weight", "0", "--whiten", "--out", str(tmp_path)])
+    w = state(tmp_path)["condition_projector.weight"]
+    Z = state(tmp_path, "train_state")["whitening.Z"]
     assert torch.equal(w, dreamllm.build("tiny").condition_projector.weight.detach() @ Z)  # W = W_init Z, unmoved
 
 
@@ -159,7 +161,7 @@ def test_on_the_gpu_frozen_weights_go_to_bf16_and_trained_ones_to_fp32():
     model = dreamllm.build("tiny").to(torch.bfloat16)  # as the official release loads: all bf16
     args = argparse.Namespace(lr=1e-3, weight_decay=0.0)
     params, _ = train.make_optimizer(model, train.STAGES["I-creation"]["groups"], args)
-    train.cast_frozen(model, torch.bfloat16)
+    cli.cast_frozen(model, torch.bfloat16)
     trained = {id(p) for p in params}
     assert trained and all(p.dtype == torch.float32 for p in params)
     assert {p.dtype for p in model.parameters() if id(p) not in trained} == {torch.bfloat16}
@@ -181,61 +183,48 @@ def test_resume_ends_bit_identical_to_the_uninterrupted_run(tmp_path):
     assert step_of(b) == (10, 10, 10)
     train.main(FAST + ["--steps", "20", "--out", str(b), "--resume"])
     assert step_of(b) == (20, 20, 20)
-    for name in ("model.safetensors", "train_state.safetensors"):
+    for name in ("model", "train_state"):
         sa, sb = state(a, name), state(b, name)
         assert sa.keys() == sb.keys()
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"{name}: {k} differs"
-    losses = [json.loads((run / "config.json").read_text())["losses"] for run in (a, b)]
+    losses = [checkpoint.read_run(run)["losses"] for run in (a, b)]
     assert losses[0] == losses[1]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     forward, calls = dreamllm.DreamLLM.forward, []
 
-    def poisoned(self, batch, generator=None):
-        out = forward(self, batch, generator)
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == 4:  # step 4
-            out["loss"] = out["loss"] * float("nan")
+            out["diffusion"] = out["diffusion"] * float("nan")
         return out
     monkeypatch.setattr(dreamllm.DreamLLM, "forward", poisoned)
     line = fails(FAST + ["--steps", "6", "--save-every", "2", "--out", str(tmp_path)], capsys)
     assert "step 4" in line and "nan" in line and "step 2" in line
     assert step_of(tmp_path) == (2, 2, 2)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["step-2"]  # no temporary file left
 
 
-def test_ctrl_c_saves_then_exits_nonzero_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_then_exits_130_and_the_run_resumes(signum, tmp_path, monkeypatch, capsys):
     forward, calls = dreamllm.DreamLLM.forward, []
 
-    def interrupting(self, batch, generator=None):
+    def interrupting(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # during step 2: that step finishes, is saved, then the run stops
-            signal.raise_signal(signal.SIGINT)
-        return forward(self, batch, generator)
+            signal.raise_signal(signum)
+        return forward(self, *args, **kwargs)
     monkeypatch.setattr(dreamllm.DreamLLM, "forward", interrupting)
-    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
+    before = signal.getsignal(signum)  # Python's default, or SIG_IGN in a background job
     line = fails(FAST + ["--steps", "4", "--out", str(tmp_path)], capsys, code=130)
     assert "interrupted" in line and "--resume" in line
     assert step_of(tmp_path) == (2, 2, 2)
-    assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
+    assert signal.getsignal(signum) is before  # the handler was put back
     train.main(FAST + ["--steps", "4", "--out", str(tmp_path), "--resume"])
     assert step_of(tmp_path) == (4, 4, 4)
-
-
-def test_writes_are_atomic(tmp_path):
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(b"the old checkpoint")
-
-    def crash(tmp):
-        tmp.write_bytes(b"half a new")
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        train.write_atomically(path, crash)
-    assert path.read_bytes() == b"the old checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
-    train.write_atomically(path, lambda tmp: tmp.write_bytes(b"new"))
-    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_bad_runs_are_refused_with_one_line(tmp_path, capsys):
@@ -245,8 +234,12 @@ def test_bad_runs_are_refused_with_one_line(tmp_path, capsys):
     assert "--resume" in fails(FAST + ["--steps", "2", "--out", out], capsys)  # never overwritten silently
     assert "--stage" in fails(FAST + ["--steps", "2", "--out", out, "--resume", "--stage", "II"], capsys)
     assert "--batch-size" in fails(FAST + ["--steps", "4", "--out", out, "--resume", "--batch-size", "3"], capsys)
-    (tmp_path / "run" / "config.json").write_text("{not json")
-    assert "unreadable" in fails(FAST + ["--steps", "2", "--out", out, "--resume"], capsys)
+    (tmp_path / "run" / "step-2" / "config.json").write_text("{not json")
+    assert "not valid JSON" in fails(FAST + ["--steps", "2", "--out", out, "--resume"], capsys)
+    (tmp_path / "run" / "step-2" / "config.json").write_text("{}")  # never a silent restart at step 0
+    assert "'preset' is missing" in fails(FAST + ["--steps", "2", "--out", out, "--resume"], capsys)
+    (tmp_path / "file").write_text("")
+    assert "is a file" in fails(FAST + ["--steps", "2", "--out", str(tmp_path / "file")], capsys)
 
 
 # ---- data and state ---------------------------------------------------------------------------------
@@ -327,3 +320,73 @@ def test_trains_on_a_manifest_of_documents(tmp_path):
             f.write(json.dumps(dict(text=text, images=[f"{i}_{j}.png" for j in range(len(scenes))])) + "\n")
     train.main(FAST + ["--steps", "2", "--data", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "run")])
     assert step_of(tmp_path / "run") == (2, 2, 2)
+
+
+# ---- a crash or a full disk inside a save ------------------------------------------------------------
+
+class Crash(BaseException):  # the process dies here (kill -9, power cut): nothing after it runs
+    pass
+
+
+def save_operations(monkeypatch, when):
+    # Counts the file operations of checkpoint.save_run; when(n, name) may raise at the n-th. A
+    # save_file that crashes leaves half its file behind, as a real one would.
+    count = [0]
+
+    def wrap(module, name):
+        real = getattr(module, name)
+
+        def op(*args, **kwargs):
+            count[0] += 1
+            if name == "save_file":
+                real(*args, **kwargs)
+                path = Path(args[1])
+                half = path.read_bytes()[:path.stat().st_size // 2]
+                when(count[0], name, lambda: path.write_bytes(half))
+                return None
+            when(count[0], name, lambda: None)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, op)
+    for module, name in ((checkpoint, "save_file"), (checkpoint, "_write_json"), (checkpoint, "_fsync"),
+                         (checkpoint.os, "rename"), (checkpoint.shutil, "rmtree"), (checkpoint.Path, "mkdir")):
+        wrap(module, name)
+    return count
+
+
+def test_a_crash_or_full_disk_at_any_point_of_a_save_resumes_bit_identically(tmp_path, monkeypatch, capsys):
+    steps = FAST + ["--steps", "3", "--save-every", "1"]
+    train.main(steps + ["--out", str(tmp_path / "whole")])
+    want = {name: state(tmp_path / "whole", name) for name in ("model", "train_state")}
+    with monkeypatch.context() as m:  # how many file operations one save takes
+        count = save_operations(m, lambda n, name, half: None)
+        train.main(steps[:-4] + ["--steps", "1", "--out", str(tmp_path / "probe")])
+        per_save = count[0]
+    assert per_save >= 8
+    results = []
+    for point in range(1, per_save + 1):
+        for fault in ("crash", "disk full"):
+            out = tmp_path / f"{fault}-{point}"
+            with monkeypatch.context() as m:
+                def when(n, name, half, point=point, fault=fault):
+                    if n == per_save + point:  # inside the second save (step 2)
+                        half()
+                        if fault == "crash":
+                            raise Crash(f"{name} #{n}")
+                        raise OSError(28, "No space left on device")
+                save_operations(m, when)
+                if fault == "crash":
+                    with pytest.raises(Crash):
+                        train.main(steps + ["--out", str(out)])
+                else:
+                    line = fails(steps + ["--out", str(out)], capsys)
+                    assert "could not be written" in line and "No space left" in line
+            first = checkpoint.read_run(out)
+            assert first is not None and first["step"] in (1, 2), (point, fault)  # a whole one is left
+            train.main(steps + ["--out", str(out), "--resume"])
+            got = {name: state(out, name) for name in ("model", "train_state")}
+            same = all(torch.equal(got[f][k], want[f][k]) for f in want for k in want[f])
+            results.append((point, fault, first["step"], same))
+            assert [p.name for p in out.iterdir()] == ["step-3"], (point, fault)  # the debris cleared
+    assert all(same for *_, same in results), results
+    print(f"\n{len(results)} faults injected ({per_save} file operations per save x crash/disk full): "
+          "every run resumed bit-identically")

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # the reference, a te
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 import unet
+from weights import convert
 from checkpoint import CheckpointError
 
 TOL = 1e-4
@@ -270,7 +271,7 @@ def test_single_file_checkpoint(unet_ref, vae_ref, tmp_path, kind):
         assert converted.keys() == model.state_dict().keys()
         assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
     # ours reads it into exactly diffusers' conversion
-    ours_unet, ours_vae = unet.load_sd_checkpoint(path, dict(ref_unet.config), dict(ref_vae.config))
+    ours_unet, ours_vae = convert.load_sd_checkpoint(path, dict(ref_unet.config), dict(ref_vae.config))
     same_state(ours_unet, theirs_unet)
     same_state(ours_vae, theirs_vae)
 
@@ -356,13 +357,13 @@ def test_bad_folders(unet_ref, vae_ref, tmp_path):
 def test_bad_single_files(unet_ref, vae_ref, tmp_path):
     (ref_unet, folder), (ref_vae, _) = unet_ref("sd2"), vae_ref
     assert "absent.safetensors: no such file" in error_of(
-        unet.load_sd_checkpoint, tmp_path / "absent.safetensors", dict(ref_unet.config), dict(ref_vae.config))
+        convert.load_sd_checkpoint, tmp_path / "absent.safetensors", dict(ref_unet.config), dict(ref_vae.config))
     diffusers_file = folder / "diffusion_pytorch_model.safetensors"
     assert "not an original Stable Diffusion checkpoint" in error_of(
-        unet.load_sd_checkpoint, diffusers_file, dict(ref_unet.config), dict(ref_vae.config))
+        convert.load_sd_checkpoint, diffusers_file, dict(ref_unet.config), dict(ref_vae.config))
     write_original_checkpoint(tmp_path / "sd2.safetensors", ref_unet, ref_vae)
     sd1_config = UNET_KINDS["sd1"]  # conv proj_in where the file has Linear
-    message = error_of(unet.load_sd_checkpoint, tmp_path / "sd2.safetensors", sd1_config, dict(ref_vae.config))
+    message = error_of(convert.load_sd_checkpoint, tmp_path / "sd2.safetensors", sd1_config, dict(ref_vae.config))
     assert "sd2.safetensors (model.diffusion_model.*): does not match" in message and "proj_in.weight" in message
 
 

@@ -12,6 +12,10 @@ anything else, spaces written as "▁" with one "▁" put in front of the text.
 The weights: Vicuna's shards are pickled `.bin` files. We read each with `torch.load(weights_only=True,
 mmap=True)` (never unpickling arbitrary objects) and write it out as safetensors, one shard at a time,
 so peak memory is about one shard.
+
+The original single-file Stable Diffusion checkpoints (`v2-1_512-ema-pruned.safetensors`, the CompVis
+LDM layout) load into unet.py's UNet and VAE through `load_sd_checkpoint`: a key rename derived from
+the config's block structure, not a table.
 """
 import argparse
 import json
@@ -26,7 +30,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from checkpoint import CheckpointError, weight_files
+import unet
+from checkpoint import CheckpointError, assign, read_state_dict, weight_files
 
 
 class ConvertError(Exception):
@@ -295,6 +300,109 @@ def bin_to_safetensors(src, dst=None, force=False):
             if f.is_file() and not f.name.startswith("pytorch_model") and not (dst / f.name).exists():
                 shutil.copy2(f, dst / f.name)
     return written
+
+
+# ------------------------------------------------------------------------------------------------
+# The original single file (CompVis LDM layout). Its UNet numbers sub-modules: input_blocks.{i}.{0: resnet
+# or downsampler, 1: transformer}, middle_block.{0,1,2}, output_blocks.{i}.{0: resnet, 1: transformer,
+# last: upsampler}; inside a resnet the layers are numbered, inside a transformer the names are ours.
+# So a key renames as (module prefix -> our prefix) + (leaf rename); the prefixes follow from the config.
+_LDM_UNET_LEAVES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_LDM_VAE_LEAVES = {"nin_shortcut": "conv_shortcut", "norm": "group_norm", "q": "to_q", "k": "to_k",
+                   "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _ldm_unet_prefixes(c: unet.UNetConfig):
+    L, n = c.layers_per_block, len(c.channels)
+    p = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+         "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+         "middle_block.2": "mid_block.resnets.1"}
+    i = 1  # input_blocks.0 is conv_in
+    for b in range(n):
+        for j in range(L):
+            p[f"input_blocks.{i}.0"] = f"down_blocks.{b}.resnets.{j}"
+            p[f"input_blocks.{i}.1"] = f"down_blocks.{b}.attentions.{j}"
+            i += 1
+        if b < n - 1:
+            p[f"input_blocks.{i}.0.op"] = f"down_blocks.{b}.downsamplers.0.conv"
+            i += 1
+    for b in range(n):  # output_blocks run from the lowest level up, like up_blocks
+        for j in range(L + 1):
+            i = b * (L + 1) + j
+            p[f"output_blocks.{i}.0"] = f"up_blocks.{b}.resnets.{j}"
+            p[f"output_blocks.{i}.1"] = f"up_blocks.{b}.attentions.{j}"
+            if j == L and b < n - 1:  # the upsampler comes after the transformer, if the level has one
+                p[f"output_blocks.{i}.{1 + c.cross_attn[n - 1 - b]}.conv"] = f"up_blocks.{b}.upsamplers.0.conv"
+    return p
+
+
+def _ldm_vae_prefixes(c: unet.VAEConfig):
+    n = len(c.channels)
+    p = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for part in ("encoder", "decoder"):
+        for ldm, ours in (("conv_in", "conv_in"), ("conv_out", "conv_out"), ("norm_out", "conv_norm_out"),
+                          ("mid.block_1", "mid_block.resnets.0"), ("mid.attn_1", "mid_block.attentions.0"),
+                          ("mid.block_2", "mid_block.resnets.1")):
+            p[f"{part}.{ldm}"] = f"{part}.{ours}"
+    for i in range(n):
+        for j in range(c.layers_per_block + 1):
+            p[f"encoder.down.{i}.block.{j}"] = f"encoder.down_blocks.{i}.resnets.{j}"
+            p[f"decoder.up.{n - 1 - i}.block.{j}"] = f"decoder.up_blocks.{i}.resnets.{j}"  # up.0 is the top level
+        p[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        p[f"decoder.up.{n - 1 - i}.upsample.conv"] = f"decoder.up_blocks.{i}.upsamplers.0.conv"
+    return p
+
+
+def _rename_ldm(state, prefixes, leaves):
+    """Each key: its longest module prefix found in `prefixes` is replaced, then the rest via `leaves`.
+    Keys no rule covers keep their name, so that assign() reports them as unexpected."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            head, rest = ".".join(parts[:cut]), parts[cut:]
+            if head in prefixes:
+                leaf = ".".join(rest[:-1])
+                key = ".".join([prefixes[head]] + ([leaves.get(leaf, leaf)] if leaf else []) + rest[-1:])
+                break
+        out[key] = value
+    return out
+
+
+def load_sd_checkpoint(path, unet_config, vae_config, device="cpu", dtype=torch.float32):
+    """An original single-file SD checkpoint (v1-5-pruned-emaonly.safetensors, v2-1_512-ema-pruned.safetensors)
+    -> (UNet, VAE). Configs: diffusers config dicts, presets ("sd-1.5", "sd-2.1-base") or our configs.
+    model.diffusion_model.* and first_stage_model.* are used; the text encoder (cond_stage_model.*), the
+    schedule buffers and a full file's separate model_ema.* copy are ignored. Pickled .ckpt files are not read."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file (expected an original single-file Stable Diffusion checkpoint)")
+    try:
+        uc = unet.as_config(unet_config, unet.UNetConfig, "unet")
+        vc = unet.as_config(vae_config, unet.VAEConfig, "vae")
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad config given for it: {e}") from None
+    # read only the UNet and the VAE: the file also holds the text encoder (1.4 GB in fp32 for SD 2.x)
+    state = read_state_dict([path], dtype=dtype, device=device,
+                            keep=lambda k: k.startswith(("model.diffusion_model.", "first_stage_model.")))
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    unet_sd, vae_sd = part("model.diffusion_model."), part("first_stage_model.")
+    if not unet_sd or not vae_sd:
+        raise CheckpointError(f"{path}: no model.diffusion_model.* or first_stage_model.* keys; "
+                              "not an original Stable Diffusion checkpoint")
+    vae_sd = _rename_ldm(vae_sd, _ldm_vae_prefixes(vc), _LDM_VAE_LEAVES)
+    for k, v in vae_sd.items():  # the VAE attention's q, k, v, proj_out are 1x1 convs there, Linear here
+        if ".attentions.0.to_" in k and v.ndim == 4:
+            vae_sd[k] = v.flatten(1)
+    with torch.device("meta"):
+        denoiser, vae = unet.UNet(uc), unet.VAE(vc)
+    assign(denoiser, _rename_ldm(unet_sd, _ldm_unet_prefixes(uc), _LDM_UNET_LEAVES), f"{path} (model.diffusion_model.*)")
+    assign(vae, vae_sd, f"{path} (first_stage_model.*)")
+    return denoiser.eval(), vae.eval()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import math
 import random
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,8 +32,10 @@ from tqdm import tqdm
 
 import clip
 import data
+import diffusion
 import llama
 import unet
+from cli import autocast, pick_device
 
 PARTS = ("tokenizer", "llm", "clip", "vae", "unet")
 SPECIALS = ["<s>", "</s>", "<pad>", data.IMAGE_TOKEN]  # ids 0-3
@@ -70,18 +71,6 @@ EVAL = dict(cfg=2.0, ddim_steps=30, per_prompt=8)
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def autocast(device):  # bf16 on CUDA, fp32 elsewhere (DESIGN: Devices)
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-
 
 def fit(desc, params, recipe, loss_fn, scale=1.0):
     """AdamW with linear warmup then cosine decay to a tenth; loss_fn(step) -> scalar loss.
@@ -335,7 +324,7 @@ def train_unet(args, out, device, pool):
     model = unet.build_unet(UNET).to(device).train()
     ema = unet.build_unet(UNET).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
-    ddpm = unet.DDPM(SCHEDULER)
+    ddpm = diffusion.DDPM(SCHEDULER)
     g = torch.Generator().manual_seed(args.seed)
 
     def loss_fn(i):
@@ -367,7 +356,7 @@ def train_unet(args, out, device, pool):
 
 @torch.no_grad()
 def generate(model, vae, context, prompts, seed, device, cfg=EVAL["cfg"], steps=EVAL["ddim_steps"]):
-    ddim = unet.DDIM(SCHEDULER)
+    ddim = diffusion.DDIM(SCHEDULER)
     ddim.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     c = context(prompts)
