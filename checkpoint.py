@@ -1,5 +1,5 @@
-"""Checkpoint folders: reading the official ones (the one piece of loading the three backbones share),
-and writing and reading our training runs' (below).
+"""Checkpoint folders: reading the official ones (the one piece of loading the three backbones
+share), and writing and reading our training runs' (below).
 
 A Hugging Face / diffusers folder holds `config.json` beside the weights, which come as one file
 (`model.safetensors`), as shards named by an index (`model.safetensors.index.json`), or as the old
@@ -9,8 +9,10 @@ built on the meta device, so a 7B model never exists twice in memory.
 
 Every failure is a CheckpointError whose message is one line naming the file and the problem.
 """
+import dataclasses
 import json
 import os
+import types
 import re
 import shutil
 from pathlib import Path
@@ -32,9 +34,34 @@ def read_config(folder, name="config.json"):
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a model folder holds {name} beside the weights)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of settings, got a {type(config).__name__}")
+    return config
+
+
+def check_types(config):
+    # A config dataclass, maybe built from a config.json: each field of the type it declares, so that
+    # "num_hidden_layers": "two" is named here, not deep inside a model's build. A float field takes
+    # an int; a tuple field a list, of numbers.
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kinds = f.type.__args__ if isinstance(f.type, types.UnionType) else (f.type,)
+        if not any(_is(value, kind) for kind in kinds):
+            names = " or ".join(getattr(k, "__name__", str(k)).replace("NoneType", "null") for k in kinds)
+            raise ValueError(f"{type(config).__name__}.{f.name} = {value!r}: expected {names}")
+
+
+def _is(value, kind):
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def weight_files(folder, names):
@@ -102,7 +129,7 @@ def assign(model, state, source, ignore=()):
 
 # ----------------------------------------------------------------------------------------------------
 # A training run's folder (train.py --out). Each checkpoint is a folder of its own, step-<N>/:
-#     model.safetensors        what the run trained, by name (DreamLLM.trained_state): all sample.py needs
+#     model.safetensors        what the run trained, by name (DreamLLM.trained_state): what sampling needs
 #     train_state.safetensors  AdamW's moments and step counts (and the whitening's), for --resume
 #     config.json              preset, stage, groups, DreamConfig, step, steps, seed, the arguments
 # written whole into step-<N>.tmp/ and then renamed: one rename is the moment a checkpoint exists,
@@ -131,19 +158,21 @@ def read_run(folder):
     path = latest(folder)
     if path is None:
         if (Path(folder) / "model.safetensors").is_file():
-            raise CheckpointError(f"{folder}: a run folder of an older train.py (its files at the top, "
-                                  "not in step-N/); train again into a new --out")
+            raise CheckpointError(f"{folder}: a run folder of an older train.py (its files at the "
+                                  "top, not in step-N/); train again into a new --out")
         return None
     config = read_config(path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / 'config.json'}: expected a JSON object")
     for key, kind in RUN_KEYS.items():
         if not isinstance(config.get(key), kind):
-            raise CheckpointError(f"{path / 'config.json'}: key {key!r} is missing or not a {kind.__name__}")
+            raise CheckpointError(f"{path / 'config.json'}: key {key!r} is missing or not of "
+                                  f"type {kind.__name__}")
     return dict(config, path=path)
 
 
-RUN_KEYS = dict(preset=str, stage=str, groups=list, step=int, steps=int, seed=int, dream_config=dict, args=dict)
+RUN_KEYS = dict(preset=str, stage=str, groups=list, step=int, steps=int, seed=int, dream_config=dict,
+                args=dict)
 
 
 def read_tensors(run, name):  # "model" or "train_state" of the checkpoint read_run() found
@@ -156,7 +185,7 @@ def read_tensors(run, name):  # "model" or "train_state" of the checkpoint read_
 
 
 def save_run(folder, step, tensors, config):
-    # tensors {"model": {...}, "train_state": {...}} and config -> folder/step-<step>/, whole or not at all
+    # {"model": {...}, "train_state": {...}} and config -> folder/step-<step>/, whole or not at all
     folder = Path(folder)
     final, tmp = folder / f"step-{step}", folder / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
@@ -190,8 +219,9 @@ def _fsync(path):  # to the disk, so that a power cut after the rename finds the
 
 def optimizer_tensors(optimizer):
     # AdamW's state {i: {key: tensor}} -> flat {"i.key": CPU tensor}, FSDP's shards gathered
-    return {f"{i}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
-            for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+    def whole(v):
+        return (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().contiguous()
+    return {f"{i}.{k}": whole(v) for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
 
 
 def load_optimizer_tensors(optimizer, tensors, device):
@@ -204,4 +234,5 @@ def load_optimizer_tensors(optimizer, tensors, device):
             from torch.distributed.tensor import distribute_tensor
             t = distribute_tensor(t.to(device), p.device_mesh, p.placements)
         state.setdefault(int(i), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -19,7 +19,7 @@ class Stop(Exception):  # a one-line error for the user, no traceback; exit stat
     code = 1
 
 
-class Interrupted(Stop):  # the user (Ctrl-C) or the system (SIGTERM) stopped the run; exit status 130
+class Interrupted(Stop):  # the user (Ctrl-C) or the system (SIGTERM) stopped the run: status 130
     code = 130
 
 
@@ -30,7 +30,7 @@ class Parser(argparse.ArgumentParser):
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):  # "(default: ...)" where there is one to show
     def _get_help_string(self, action):
-        plain = action.default is None or action.default is False or "default" in (action.help or "")
+        plain = action.default in (None, False) or "default" in (action.help or "")
         return action.help if plain else super()._get_help_string(action)
 
 
@@ -38,7 +38,7 @@ def main(run, prog):
     # run() with every expected failure as one line on stderr, and an exit status that says which
     try:
         run()
-    except (Stop, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (Stop, CheckpointError, ValueError, OSError) as e:  # OSError: a file, a folder, the disk
         print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(getattr(e, "code", 1))
     except KeyboardInterrupt:
@@ -56,7 +56,8 @@ def pick_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise Stop(f"--device {name}: not a device (give auto, cpu, cuda, cuda:1 or mps)") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise Stop(f"--device {name}: this machine has no {device.type} (try --device auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -69,7 +70,7 @@ def autocast(device):  # bf16 on CUDA; fp32 elsewhere
 
 
 def cast_frozen(model, dtype):
-    # On the GPU the frozen weights (CLIP, the VAE, the UNet, a frozen LLM's blocks) are kept in bf16:
+    # On the GPU the frozen weights (CLIP, the VAE, the UNet, a frozen LLM's blocks) are bf16:
     # half the memory and the bandwidth. What trains is fp32 (AdamW's small updates vanish in bf16),
     # also when it was loaded in bf16, as the official release is.
     for p in model.parameters():
@@ -77,7 +78,7 @@ def cast_frozen(model, dtype):
 
 
 def build_model(preset, seed=0, **config):
-    # a preset of ours (random init from `seed` where it has no weights) or the released model's folder
+    # a preset of ours (random init from `seed` where it has no weights), or the released model
     if preset in official.PRESETS:
         return official.load_official(official.PRESETS[preset], **config)
     return dreamllm.build(preset, seed, **config)

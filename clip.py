@@ -6,13 +6,14 @@ projections are here so that the whole official checkpoint loads and `encode_tex
 can be checked against Hugging Face transformers, whose key names (`pre_layrnorm` included) we keep.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import CheckpointError, assign, read_config, read_state_dict, weight_files
+from checkpoint import CheckpointError, assign, check_types, read_config, read_state_dict, weight_files
 
 
 @dataclass
@@ -29,6 +30,9 @@ class TowerConfig:
     vocab_size: int = 49408   # text tower only
     n_positions: int = 77     # text tower only
     eos_token_id: int = 49407  # text tower only; 2 in old configs, which means "pool at argmax(input_ids)"
+
+    def __post_init__(self):
+        check_types(self)
 
     @classmethod
     def from_hf(cls, d, text):
@@ -57,6 +61,9 @@ class CLIPConfig:
     text: TowerConfig | None = field(default_factory=lambda: TowerConfig(width=512, n_heads=8, mlp_width=2048))
     projection_dim: int | None = 512  # None: a bare tower (CLIPVisionModel, CLIPTextModel), no projection
     logit_scale_init: float = 2.6592  # log(1 / 0.07), CLIP's initial temperature
+
+    def __post_init__(self):
+        check_types(self)
 
     @classmethod
     def from_hf(cls, d):
@@ -260,7 +267,10 @@ def build(config) -> CLIP:  # a HF config dict, a preset name or a CLIPConfig; r
 
 
 def load(path, device="cpu", dtype=torch.float32) -> CLIP:
-    config = CLIPConfig.from_hf(read_config(path))
+    try:
+        config = CLIPConfig.from_hf(read_config(path))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: {e}") from None
     if bad := {t.act for t in (config.vision, config.text) if t} - activations.keys():
         raise CheckpointError(f"{path}/config.json: hidden_act {bad.pop()!r} is not one of {', '.join(activations)}")
     files = weight_files(path, ["model.safetensors", "pytorch_model.bin"])

@@ -354,15 +354,39 @@ def _manifest(path, keys):
             yield n, record, path
 
 
+MAX_PIXELS = 64 * 2**20  # an image file larger than this is refused before it is decoded
+
+
+def open_image(path):
+    # A file -> an RGB PIL image, decoded safely: the size in its header is checked before any
+    # pixel is (a PNG can claim 100000 x 100000 in a few bytes); 16-bit images are scaled to 8 bits
+    # (Pillow's convert("RGB") would clip them, nearly white); palettes and alpha as CLIP's processor
+    # reads them (convert("RGB")). ValueError, one line, for anything that is not a readable image.
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{path}: {im.width} x {im.height} pixels, more than the "
+                                 f"{MAX_PIXELS:,} an image may have here")
+            im.load()  # every pixel, so a truncated file fails here
+            if im.mode in ("I;16", "I;16L", "I;16B", "I"):  # 16-bit grey: 0..65535 -> 0..255
+                grey = (np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8)
+                return Image.fromarray(grey, "L").convert("RGB")
+            return im.convert("RGB")
+    except Image.DecompressionBombError:  # Pillow's own check, at twice its MAX_IMAGE_PIXELS
+        raise ValueError(f"{path}: its header claims more than {MAX_PIXELS:,} pixels, the most an "
+                         "image may have here (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path}: not a readable image ({e.__class__.__name__})") from None
+
+
 def _open(path, n, name):
     file = path.parent / name
     if not file.is_file():
         raise ValueError(f"{path}:{n}: image file not found: {file}")
     try:
-        with Image.open(file) as img:
-            return img.convert("RGB")  # loads the pixels, so a truncated file fails here
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}:{n}: not a readable image: {file} ({e.__class__.__name__})") from None
+        return open_image(file)
+    except ValueError as e:
+        raise ValueError(f"{path}:{n}: {e}") from None
 
 
 def read_pairs(path):

@@ -1,10 +1,11 @@
-"""DreamLLM (Dong et al. 2023, arXiv 2309.11499): one causal LLM that reads and writes text and images.
+"""DreamLLM (Dong et al. 2023, arXiv 2309.11499): one causal LLM that reads and writes text and
+images.
 
 It reads an image as N CLIP patch features, projected and spliced into its token embeddings. It
 writes one by emitting <dream_start>: K learnable dream queries follow, and the LLM's final hidden
 states at those K positions, projected, become the cross-attention context of a frozen Stable
 Diffusion UNet, in place of SD's text encoder (sec. 3.1). Training adds SD's denoising loss to the
-LM loss: the frozen UNet's score teaches the LLM to speak its language ("score distillation", eq. 3):
+LM loss: the frozen UNet's score teaches the LLM to speak its language ("score distillation"):
 
     L = w_lm CE(next token)  +  w_diffusion |f(unet(z_t, t, c)) - target(z_0, eps, t)|^2
 
@@ -20,7 +21,7 @@ document is written as a dream slot, then a read slot: the model creates it, the
     segments = model.generate("a picture of a circle", force_image=True)   # [Image, " text ..."]
 """
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -37,9 +38,17 @@ SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", 
                   "<dream_end>"]
 
 
+def check_text(text):
+    # A person writes <image> where an image goes; the slot tokens, BOS and EOS are the model's own,
+    # laid out by encode_document. Typed into a prompt or a document, they would forge a slot.
+    if forged := [s for s in SPECIAL_TOKENS[1:] + ["<s>", "</s>"] if s in text]:
+        raise ValueError(f"the text holds {forged[0]}, a token the model writes itself; refused "
+                         "(only <image> may be typed, where an image goes)")
+
+
 def byte_tokenizer() -> Tokenizer:
     # The tiny models' tokenizer: one token per UTF-8 byte (ids 0-255 = byte values), no merges, no
-    # training. Bytes are shown as GPT-2's printable stand-ins so ByteLevel can split and decode them.
+    # training. Bytes are shown as GPT-2's printable stand-ins: ByteLevel splits and decodes them.
     printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
     spare = iter(range(256, 512))
     symbol = {b: chr(b) if b in printable else chr(next(spare)) for b in range(256)}
@@ -84,11 +93,12 @@ class DreamLLM(nn.Module):
                  prompts: PromptFormat | None = None):
         super().__init__()
         if config.target not in diffusion.SPACES:
-            raise ValueError(f"DreamConfig.target {config.target!r}: must be one of {diffusion.SPACES}")
+            raise ValueError(f"DreamConfig.target {config.target!r}: one of {diffusion.SPACES}")
         self.llm, self.clip, self.unet, self.vae = llm, clip, unet, vae
         for frozen in (clip, unet, vae):  # never trained: CLIP is the eye, SD's score the teacher
             frozen.requires_grad_(False)
-        self.config, self.scheduler_config, self.tokenizer = config, dict(scheduler_config), tokenizer
+        self.config, self.tokenizer = config, tokenizer
+        self.scheduler_config = dict(scheduler_config)
         self.prompts = prompts or PromptFormat()
         self.noise_scheduler = diffusion.DDPM(scheduler_config)  # q(z_t | z_0) of training
         # Rows >= n_text_vocab are the tokens DreamLLM adds (and, for a tokenizer bigger than its
@@ -101,13 +111,13 @@ class DreamLLM(nn.Module):
         self.bos_id, self.eos_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
         self._resize_vocab(tokenizer.get_vocab_size(with_added_tokens=True))
         v, D = clip.config.vision, llm.cfg.dim
-        self.n_patches = (v.image_size // v.patch_size) ** 2  # N, tokens of a read slot (256 for L/14)
+        self.n_patches = (v.image_size // v.patch_size) ** 2  # N per read slot (256 for ViT-L/14)
         self.visual_projector = nn.Linear(v.width, D)
         self.dream_queries = nn.Parameter(torch.randn(config.n_queries, D) * 0.02)  # (K, D)
         self.condition_projector = nn.Linear(D, unet.config.context_dim, bias=False)
 
     def _resize_vocab(self, n):
-        # New tokens start as the average token (as LLaVA does): a neutral point, the same scale as the rest.
+        # New tokens start as the average token (as LLaVA does): a neutral point, the usual scale.
         emb, head = self.llm.model.embed_tokens, self.llm.lm_head
         old = emb.weight.shape[0]
         if n <= old:
@@ -115,7 +125,8 @@ class DreamLLM(nn.Module):
 
         def grow(w):
             mean = w.detach().float().mean(0, keepdim=True).to(w.dtype)
-            return nn.Parameter(torch.cat([w.detach(), mean.expand(n - old, -1)]), requires_grad=w.requires_grad)
+            grown = torch.cat([w.detach(), mean.expand(n - old, -1)])
+            return nn.Parameter(grown, requires_grad=w.requires_grad)
         emb.weight, emb.num_embeddings = grow(emb.weight), n
         if self.llm.cfg.tie_embeddings:
             self.llm.tie_weights()
@@ -128,7 +139,7 @@ class DreamLLM(nn.Module):
         return self.dream_queries.device
 
     @property
-    def latent_shape(self):  # (4, h, w) of an image's VAE latent: the VAE halves per level but the last
+    def latent_shape(self):  # (4, h, w) of an image's latent: the VAE halves per level but the last
         h = self.config.image_size // 2 ** (len(self.vae.config.channels) - 1)
         return (self.vae.config.latent_channels, h, h)
 
@@ -137,16 +148,18 @@ class DreamLLM(nn.Module):
 
     def dream_slot(self):  # <dream_start> <im_patch> x K <dream_end>: the K dream queries go inside
         tok = self.token_id
-        return [tok["<dream_start>"]] + [tok["<im_patch>"]] * self.config.n_queries + [tok["<dream_end>"]]
+        K = self.config.n_queries
+        return [tok["<dream_start>"]] + [tok["<im_patch>"]] * K + [tok["<dream_end>"]]
 
-    def read_slot(self):  # <im_start> <im_patch> x N <im_end>: the N projected CLIP features go inside
+    def read_slot(self):  # <im_start> <im_patch> x N <im_end>: N projected CLIP features go inside
         tok = self.token_id
         return [tok["<im_start>"]] + [tok["<im_patch>"]] * self.n_patches + [tok["<im_end>"]]
 
     def encode_document(self, text, n_images, read_only=False):
-        # -> input_ids (T,), labels (T,): BOS, the text with each <image> expanded to a dream slot and
-        # a read slot (read_only: to its read slot alone, as the official chat data lays out an image
-        # the user gives), EOS
+        # -> input_ids (T,), labels (T,): BOS, the text with each <image> expanded to a dream slot
+        # and a read slot (read_only: to its read slot alone, as the official chat data lays out an
+        # image the user gives), EOS
+        check_text(text)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         image = self.token_id["<image>"]
         if ids.count(image) != n_images:
@@ -167,7 +180,7 @@ class DreamLLM(nn.Module):
         return torch.tensor(input_ids), torch.tensor(labels)
 
     def collate(self, docs, diffusion=True):
-        # docs [(text, [PIL images])] -> a batch of tensors, on the CPU: input_ids and labels (B, T),
+        # docs [(text, [PIL images])] -> a batch of tensors on the CPU: input_ids and labels (B, T),
         # right-padded; clip_pixels (n, 3, s, s), CLIP's input for the read slots; vae_pixels
         # (n, 3, S, S) in [-1, 1], the images the diffusion loss is taken on (left out when it is
         # not computed). The n images in order of appearance.
@@ -207,7 +220,7 @@ class DreamLLM(nn.Module):
     def read_features(self, clip_pixels):  # (n, 3, s, s) -> (n, N, D)
         with torch.no_grad():  # CLIP is frozen: its features are an input, like the pixels
             pixels = clip_pixels.to(self.device)
-            f = self.clip.image_features(pixels, self.config.clip_layer)[:, 1:]  # (n, N, width): no CLS
+            f = self.clip.image_features(pixels, self.config.clip_layer)[:, 1:]  # (n, N, width)
         return self.visual_projector(f.to(self.visual_projector.weight.dtype))
 
     def embed(self, input_ids, clip_pixels=None):
@@ -218,11 +231,11 @@ class DreamLLM(nn.Module):
         dream, read = self.slot_masks(input_ids)
         if dream.any():
             n = int(dream.sum()) // K
-            assert n * K == dream.sum(), "a dream slot must hold exactly n_queries <im_patch> tokens"
+            assert n * K == dream.sum(), "a dream slot holds exactly n_queries <im_patch> tokens"
             x = x.masked_scatter(dream[..., None], self.dream_queries.to(x.dtype).repeat(n, 1))
         if read.any():
             features = self.read_features(clip_pixels)  # (n, N, D)
-            assert features.shape[:2].numel() == read.sum(), "one image per read slot, N patches each"
+            assert features.shape[:2].numel() == read.sum(), "one image per read slot, N each"
             x = x.masked_scatter(read[..., None], features.to(x.dtype))
         return x
 
@@ -232,47 +245,53 @@ class DreamLLM(nn.Module):
     def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None):
         # -> dict(lm, diffusion): the two losses, unweighted (a training stage weighs them)
         #   lm:        CE of the next token, over the tokens with a label
-        #   diffusion: |f(unet(z_t, t, c)) - target|^2, c the dream queries' final states, projected;
+        #   diffusion: |f(unet(z_t, t, c)) - target|^2, c the dream queries' final states,
+        #              projected;
         #              noise: draw_noise()'s draws for the n images of vae_pixels
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         # Right padding under a causal mask: no real token ever attends to a pad, so no attention
         # mask is needed (and SDPA keeps its fast causal path); the pads' labels are -100.
         h = self.llm.hidden_states(inputs_embeds=self.embed(input_ids, clip_pixels))  # (B, T, D)
-        losses = dict(lm=torch.zeros((), device=self.device), diffusion=torch.zeros((), device=self.device))
+        zero = torch.zeros((), device=self.device)
+        losses = dict(lm=zero, diffusion=zero)
         if (labels[:, 1:] != -100).any():
             logits = self.llm.lm_head(h[:, :-1]).float()  # position i predicts token i + 1
-            losses["lm"] = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            targets = labels[:, 1:].flatten()
+            losses["lm"] = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
         if vae_pixels is not None:
             dream, _ = self.slot_masks(input_ids)
-            context = self.condition_projector(h[dream].view(len(vae_pixels), self.config.n_queries, -1))
-            losses["diffusion"] = self.diffusion_loss(context, vae_pixels, noise)  # context (n, K, C)
+            queries = h[dream].view(len(vae_pixels), self.config.n_queries, -1)  # (n, K, D)
+            context = self.condition_projector(queries)  # (n, K, C)
+            losses["diffusion"] = self.diffusion_loss(context, vae_pixels, noise)
         return losses
 
     def diffusion_loss(self, context, vae_pixels, noise):
         # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features
         cfg, noise = self.config, {k: v.to(self.device) for k, v in noise.items()}
-        if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when nothing
-            # is dropped, so every process of an FSDP run runs the LLM as often (and its collectives)
+        if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when
+            # nothing is dropped, so every process of an FSDP run runs the LLM as often
             null = self.null_condition().to(context.dtype)
             context = torch.where(noise["drop"][:, None, None], null, context)
         with torch.no_grad():  # the VAE is frozen; a sample of its posterior, as SD was trained
-            mean, logvar = self.vae.encode(vae_pixels.to(self.device, self.vae.quant_conv.weight.dtype))
+            pixels = vae_pixels.to(self.device, self.vae.quant_conv.weight.dtype)
+            mean, logvar = self.vae.encode(pixels)
             std = (0.5 * logvar.float()).exp()
             z0 = self.vae.scaling_factor * (mean.float() + std * noise["posterior"])  # (n, 4, h, w)
-        return diffusion.denoising_loss(self.unet, self.noise_scheduler, z0, noise["eps"], noise["t"],
-                                        context, cfg.target, cfg.min_snr_gamma)
+        return diffusion.denoising_loss(self.unet, self.noise_scheduler, z0, noise["eps"],
+                                        noise["t"], context, cfg.target, cfg.min_snr_gamma)
 
     def dream_states(self, prompt=""):
-        # BOS + prompt + a dream slot -> the K queries' final hidden states (1, K, D). The separator:
-        # training documents read "caption <image>" and the tokenizer splits at <image>; the official
-        # model's captions were followed by the dream slot directly (its caption_sep is "").
+        # BOS + prompt + a dream slot -> the K queries' final hidden states (1, K, D). The
+        # separator: training documents read "caption <image>" and the tokenizer splits at <image>;
+        # the official model's captions were followed by the dream slot directly (caption_sep "").
         text = prompt.rstrip() + self.prompts.caption_sep if prompt.strip() else ""
-        ids = self.encode_document(text, 0)[0][:-1].tolist() + self.dream_slot()[:-1]  # no EOS, <dream_end>
+        # BOS + text (no EOS), then the slot without <dream_end>
+        ids = self.encode_document(text, 0)[0][:-1].tolist() + self.dream_slot()[:-1]
         x = self.embed(torch.tensor([ids], device=self.device))
         return self.llm.hidden_states(inputs_embeds=x)[:, -self.config.n_queries:]
 
     def condition(self, prompt=""):
-        # the dream queries' states, projected: (1, K, C). Differentiable: training uses it for the null.
+        # the dream queries' states, projected: (1, K, C). Differentiable: training's null uses it.
         return self.condition_projector(self.dream_states(prompt))
 
     def null_condition(self):
@@ -300,13 +319,16 @@ class DreamLLM(nn.Module):
                 if not self.llm.cfg.tie_embeddings:
                     out["new_tokens.lm_head"] = (self.llm.lm_head.weight, n)
             elif group in self.trainable_groups():
-                out |= {k: (p, 0) for k, p in self.named_parameters() if k == group or k.startswith(group + ".")}
+                out |= {k: (p, 0) for k, p in self.named_parameters()
+                        if k == group or k.startswith(group + ".")}
             else:
-                raise ValueError(f"unknown group {group!r} (have {', '.join(self.trainable_groups())})")
+                have = ", ".join(self.trainable_groups())
+                raise ValueError(f"unknown group {group!r} (have {have})")
         return out
 
-    def trained_state(self, groups):  # -> {name: CPU tensor}, e.g. "dream_queries", "new_tokens.lm_head"
-        return {k: p.detach()[row:].cpu().clone() for k, (p, row) in self._trained_tensors(groups).items()}
+    def trained_state(self, groups):  # -> {name: CPU tensor}: "dream_queries", "new_tokens.lm_head"
+        tensors = self._trained_tensors(groups)
+        return {k: p.detach()[row:].cpu().clone() for k, (p, row) in tensors.items()}
 
     @torch.no_grad()
     def load_trained_state(self, state):
@@ -314,10 +336,11 @@ class DreamLLM(nn.Module):
         known = self._trained_tensors(self.trainable_groups())
         for k, v in state.items():
             if k not in known:
-                raise ValueError(f"trained state: unknown tensor {k!r} (not a tensor of this model's groups)")
+                raise ValueError(f"trained state: unknown tensor {k!r} (of no group of this model)")
             p, row = known[k]
             if v.shape != p[row:].shape:
-                raise ValueError(f"trained state: {k} is {tuple(v.shape)}, this model's is {tuple(p[row:].shape)}")
+                raise ValueError(f"trained state: {k} is {tuple(v.shape)}, this model's is "
+                                 f"{tuple(p[row:].shape)}")
             p[row:].copy_(v)
 
     # --------------------------------------------------------------------------------------------
@@ -329,7 +352,8 @@ class DreamLLM(nn.Module):
         # context (n, K, C) -> n PIL images: the frozen SD draws them, the null condition for CFG
         null = None if guidance == 1 else self.null_condition()
         return diffusion.sample_cfg(self.unet, self.vae, self.scheduler_config, context, null,
-                                    self.config.image_size, steps, guidance, sampler, generator, progress)
+                                    self.config.image_size, steps, guidance, sampler, generator,
+                                    progress)
 
     @torch.no_grad()
     def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5,
@@ -341,8 +365,8 @@ class DreamLLM(nn.Module):
         tok, llm, images = self.token_id, self.llm, list(images)
         ids = self.encode_document(text, len(images), read_only)[0][:-1].to(self.device)  # no EOS
         cache = llm.new_cache()
-        h = llm.hidden_states(inputs_embeds=self.embed(ids[None], self.clip_pixels(images)), cache=cache)
-        h = h[:, -1]
+        x = self.embed(ids[None], self.clip_pixels(images))
+        h = llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
         # tokens never learned as labels (BOS, the slots' insides) are never written
         banned = [self.bos_id] + [tok[s] for s in SPECIAL_TOKENS if s != "<dream_start>"]
         sampling = dict(steps=steps, guidance=guidance, sampler=sampler, generator=generator,
@@ -354,12 +378,14 @@ class DreamLLM(nn.Module):
             if sum(not isinstance(s, str) for s in segments) >= max_images:
                 logits[:, tok["<dream_start>"]] = float("-inf")
             forced = force_image and i == 0
-            token = tok["<dream_start>"] if forced else llama.sample(logits, temperature, top_p, generator).item()
+            token = tok["<dream_start>"] if forced else \
+                llama.sample(logits, temperature, top_p, generator).item()
             if token == self.eos_id:
                 break
             if token != tok["<dream_start>"]:
                 text_ids.append(token)
-                h = llm.hidden_states(torch.tensor([[token]], device=self.device), cache=cache)[:, -1]
+                x = torch.tensor([[token]], device=self.device)
+                h = llm.hidden_states(x, cache=cache)[:, -1]
                 continue
             segments += [self.tokenizer.decode(text_ids)] if text_ids else []
             text_ids = []
@@ -371,8 +397,8 @@ class DreamLLM(nn.Module):
         # <dream_start> was just written: run the K queries, draw the image from their states, then
         # read it back through CLIP, so that the text after it can refer to it.
         # -> (the image, the last hidden state (1, D))
-        dream = torch.tensor([self.dream_slot()[:-1]], device=self.device)  # <dream_start> + K queries
-        hq = self.llm.hidden_states(inputs_embeds=self.embed(dream), cache=cache)[:, 1:]  # (1, K, D)
+        dream = torch.tensor([self.dream_slot()[:-1]], device=self.device)  # <dream_start> + K
+        hq = self.llm.hidden_states(inputs_embeds=self.embed(dream), cache=cache)[:, 1:]  # (1,K,D)
         image = self.sample_images(self.condition_projector(hq), **sampling)[0]
         read = torch.tensor([self.dream_slot()[-1:] + self.read_slot()], device=self.device)
         x = self.embed(read, self.clip_pixels([image]))  # <dream_end> + the read slot
@@ -388,7 +414,8 @@ class DreamLLM(nn.Module):
         # written; or, with a chat format, the question asked in it
         p = self.prompts
         text = p.chat(p.question.format(question=question))
-        segments = self.generate(text, [image], max_images=0, read_only=p.read_only_images, **generate_kw)
+        segments = self.generate(text, [image], max_images=0, read_only=p.read_only_images,
+                                 **generate_kw)
         return "".join(segments).strip()
 
 
@@ -396,14 +423,16 @@ PRESETS = {
     # random backbones in memory, in well under a second: tests, and the pipeline anywhere.
     # LLaMA dim 64 = CLIP width 64 = UNet context 64 (the projectors would bridge any widths);
     # 32 px CLIP (16 patches); a 4x VAE: 64 px images, 16 x 16 latents.
-    "tiny": dict(llm="tiny", clip="clip-tiny-vision", sd="tiny", config=DreamConfig(n_queries=8, image_size=64)),
-    # the shapes world's own pretrained backbones, loaded from weights/toy/ (python -m weights.train_toy):
-    # a 4-layer LLaMA (dim 192), a 64 px CLIP (64 patches), a 4x VAE and a UNet with 128-wide context
+    "tiny": dict(llm="tiny", clip="clip-tiny-vision", sd="tiny",
+                 config=DreamConfig(n_queries=8, image_size=64)),
+    # the shapes world's own pretrained backbones, loaded from weights/toy/ (made by
+    # python -m weights.train_toy): a 4-layer LLaMA (dim 192), a 64 px CLIP (64 patches), a 4x VAE
+    # and a UNet with a 128-wide context
     "toy": dict(folder=Path(__file__).resolve().parent / "weights" / "toy",
                 config=DreamConfig(n_queries=8, image_size=64)),
 }
-TOY_PARTS = ["tokenizer.json", "llm/config.json", "clip/config.json", "vae/config.json", "unet/config.json",
-             "scheduler/scheduler_config.json"]
+TOY_PARTS = ["tokenizer.json", "llm/config.json", "clip/config.json", "vae/config.json",
+             "unet/config.json", "scheduler/scheduler_config.json"]
 
 
 def build(preset="tiny", seed=0, **config) -> DreamLLM:
@@ -412,18 +441,21 @@ def build(preset="tiny", seed=0, **config) -> DreamLLM:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} (have {', '.join(PRESETS)})")
     p = PRESETS[preset]
+    if unknown := sorted(set(config) - {f.name for f in fields(DreamConfig)}):
+        raise ValueError(f"DreamConfig has no field {unknown[0]!r} (a run of an older version?)")
     config = replace(p["config"], **config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if "folder" not in p:
             sd = unet.PRESETS[p["sd"]]
-            return DreamLLM(llama.build(p["llm"]), clip.build(p["clip"]), unet.build_unet(sd), unet.build_vae(sd),
-                            sd["scheduler"], byte_tokenizer(), config)
-        folder = p["folder"]  # backbones from files; only DreamLLM's own parts are initialised from `seed`
+            return DreamLLM(llama.build(p["llm"]), clip.build(p["clip"]), unet.build_unet(sd),
+                            unet.build_vae(sd), sd["scheduler"], byte_tokenizer(), config)
+        folder = p["folder"]  # backbones from files; DreamLLM's own parts initialised from `seed`
         if missing := [f for f in TOY_PARTS if not (folder / f).is_file()]:
             raise FileNotFoundError(f"preset {preset!r}: {folder / missing[0]} is missing; "
                                     "make the toy backbones with `python -m weights.train_toy`")
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        return DreamLLM(llama.load(folder / "llm"), clip.load(folder / "clip"), unet.load_unet(folder / "unet"),
-                        unet.load_vae(folder / "vae"), scheduler, Tokenizer.from_file(str(folder / "tokenizer.json")),
-                        config)
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return DreamLLM(llama.load(folder / "llm"), clip.load(folder / "clip"),
+                        unet.load_unet(folder / "unet"), unet.load_vae(folder / "vae"), scheduler,
+                        tokenizer, config)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import CheckpointError, assign, read_config, read_state_dict, weight_files
+from checkpoint import CheckpointError, assign, check_types, read_config, read_state_dict, weight_files
 
 
 @dataclass
@@ -37,6 +37,7 @@ class LlamaConfig:
     mlp_bias: bool = False
 
     def __post_init__(self):
+        check_types(self)
         self.head_dim = self.head_dim or self.dim // self.n_heads
         assert self.n_heads % self.n_kv_heads == 0, "each key/value head serves a whole group of query heads"
 
@@ -351,7 +352,7 @@ def load(path, device="cpu", dtype=torch.float32) -> Llama:
         cfg = LlamaConfig.from_hf(read_config(folder))
     except KeyError as e:
         raise CheckpointError(f"{folder / 'config.json'}: has no {e}, not a LLaMA config") from None
-    except (ValueError, AssertionError) as e:
+    except (ValueError, TypeError, AssertionError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
     files = weight_files(folder, ["model.safetensors", "pytorch_model.bin"])
     state = read_state_dict(files, dtype=dtype, device=device)

@@ -21,11 +21,12 @@ the preset as built (dream queries at init), the baseline that shows what traini
 import contextlib
 import html
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import checkpoint
@@ -154,7 +155,8 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=4, help="images for --prompt")
     p.add_argument("--seed", type=int, default=0, help="the noise (and the text, if --temperature > 0)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none; the toy SD draws best at 2, the real model is run at 2-7.5)")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none; "
+                   "the toy SD draws best at 2, the real model is run at 2-7.5)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="the denoising sampler")
     p.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write (documents, answers)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -168,18 +170,21 @@ def main(argv=None):
         p.error("--baseline-sd goes with --prompt")
     if args.model and (args.eval or args.ckpt or args.untrained):
         p.error("--model is the released model: not with --eval (the toy world's), --ckpt or --untrained")
-    if min(args.num_images, args.steps, args.eval_images, args.eval_questions) < 1:
-        p.error("--num-images, --steps, --eval-images and --eval-questions must be at least 1")
+    for name in ("num_images", "steps", "eval_images", "eval_questions", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        p.error(f"--guidance {args.guidance}: must be a number >= 0 (1: no guidance)")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        p.error(f"--temperature {args.temperature}: must be a number >= 0 (0: greedy)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
     cli.main(lambda: sample(args), "sample.py")
 
 
 def sample(args):
     if args.image:  # read it first: a bad path fails before the model loads
-        try:
-            with Image.open(args.image) as f:
-                image = f.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise Stop(f"{args.image}: not a readable image ({e.__class__.__name__})") from None
+        image = data.open_image(args.image)
     device = cli.pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     # the baseline first: a missing SD folder fails before the 13.5 GB are read

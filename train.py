@@ -36,40 +36,42 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import dreamllm
 import parallel
 from cli import Interrupted, Stop
 from whitening import Whitening
 
 DEFAULT_PRESET = "toy"  # the shapes world: what `python train.py` trains (weights/toy/)
-# The official stages (DreamLLM sec. 3.2 and its code); `mix` cycles over kinds of example (data.KINDS).
+# The official stages (DreamLLM sec. 3.2 and its code); `mix` cycles over kinds of example.
 # "new_tokens" are the embedding (and lm_head) rows of <dream_start> & co.: a frozen LLM must still
 # learn to write <dream_start>, so stage I trains those rows only, as LLaVA does.
 STAGES = {
-    # I, alignment, the LLM frozen, on image-text pairs. Creation: the dream queries learn to drive the
-    # frozen UNet from captions written before their image ("a red circle <image>"). (Documents would
-    # teach little here: an image described only after it gives the diffusion loss a condition that
-    # knows nothing.)
+    # I, alignment, the LLM frozen, on image-text pairs. Creation: the dream queries learn to drive
+    # the frozen UNet from captions written before their image ("a red circle <image>"). (Documents
+    # would teach little here: an image described only after it gives the diffusion loss a condition
+    # that knows nothing.)
     "I-creation": dict(groups=["dream_queries", "condition_projector", "new_tokens"], lm_weight=1.0,
                        diffusion_weight=10.0, lr=2e-3, mix=["t2i"]),
     # Comprehension: the visual projector learns to show the LLM what CLIP sees; no diffusion loss.
-    "I-comprehension": dict(groups=["visual_projector", "new_tokens"], lm_weight=1.0, diffusion_weight=0.0,
-                            lr=2e-3, mix=["i2t", "vqa"]),
+    "I-comprehension": dict(groups=["visual_projector", "new_tokens"], lm_weight=1.0,
+                            diffusion_weight=0.0, lr=2e-3, mix=["i2t", "vqa"]),
     "I": dict(groups=["dream_queries", "condition_projector", "visual_projector", "new_tokens"],
               lm_weight=1.0, diffusion_weight=10.0, lr=2e-3,
               mix=["t2i", "vqa", "t2i", "i2t", "document", "vqa"]),
     # II, I-GPT: everything but CLIP and SD, on interleaved documents; III, supervised fine-tuning.
-    "II": dict(groups=["dream_queries", "condition_projector", "visual_projector", "llm"], lm_weight=1.0,
-               diffusion_weight=10.0, lr=2e-5, mix=["document", "t2i", "vqa", "i2t"]),
-    "III": dict(groups=["dream_queries", "condition_projector", "visual_projector", "llm"], lm_weight=1.0,
-                diffusion_weight=10.0, lr=4e-5, mix=["vqa", "t2i", "document"]),
+    "II": dict(groups=["dream_queries", "condition_projector", "visual_projector", "llm"],
+               lm_weight=1.0, diffusion_weight=10.0, lr=2e-5, mix=["document", "t2i", "vqa", "i2t"]),
+    "III": dict(groups=["dream_queries", "condition_projector", "visual_projector", "llm"],
+                lm_weight=1.0, diffusion_weight=10.0, lr=4e-5, mix=["vqa", "t2i", "document"]),
 }
 # A preset's own recipe: the tricks of this project (not the paper's) that it turns on, by name.
 # The shapes world's frozen toy LLM needs the whitened projector to learn in minutes (whitening.py
 # gives the measurements); every other preset runs the paper's method as it is.
 RECIPES = {"toy": dict(whiten=True)}
 # the arguments that define a run: --resume refuses to change them
-RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "data",
-            "init", "target", "min_snr_gamma", "cond_dropout", "diffusion_weight", "lm_weight", "whiten")
+RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
+            "data", "init", "target", "min_snr_gamma", "cond_dropout", "diffusion_weight", "lm_weight",
+            "whiten")
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -77,24 +79,24 @@ RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup
 def train(args):
     run, out, stage = open_run(args)
     if run and run["step"] >= args.steps:
-        return print(f"{out}: already trained for {run['step']} steps (--steps {args.steps}); nothing to do")
+        return print(f"{out}: already trained for {run['step']} steps (--steps {args.steps})")
     rank, world, device = parallel.init_distributed(cli.pick_device(args.device))
     example, weights = example_source(args, stage), loss_weights(args, stage)
     model, groups, params, opt, step, ckpt = setup(args, stage, run, out, example, rank, world, device)
     say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks and writes
-    lo, hi = args.batch_size * rank // world, args.batch_size * (rank + 1) // world  # this process's slice
+    lo, hi = args.batch_size * rank // world, args.batch_size * (rank + 1) // world  # my slice
 
-    def get_batch(i):  # micro-batch i of the run, this process's slice of it: a pure function of (seed, i)
+    def get_batch(i):  # micro-batch i of the run (this process's slice): a function of (seed, i)
         es = range(i * args.batch_size + lo, i * args.batch_size + hi)
         docs = [example(e) for e in es]
         batch = model.collate(docs, diffusion=weights["diffusion"] > 0)
-        if "vae_pixels" in batch:  # the images' noise from their example's generator: the same anywhere
+        if "vae_pixels" in batch:  # each image's noise from its example's generator: any process
             gens = [torch.Generator().manual_seed(args.seed * 2**32 + e) for e in es]
             batch["noise"] = model.draw_noise([g for g, (_, ims) in zip(gens, docs) for _ in ims])
         return batch
 
-    bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step", dynamic_ncols=True,
-               disable=True if rank > 0 else None)  # None: no bar into a log file; the step lines remain
+    bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step",
+               dynamic_ncols=True, disable=True if rank > 0 else None)  # None: no bar in a log file
     t0, first = time.perf_counter(), step
     with StopSignals() as signals, bar:
         while step < args.steps:
@@ -119,13 +121,14 @@ def train(args):
             norm = parallel.clip_grads(params, 1.0, world) if args.fsdp else \
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             if not torch.isfinite(norm):
-                raise Stop(f"step {step + 1}: the gradient norm is {norm.item()}; stopped ({ckpt.kept()})")
+                raise Stop(f"step {step + 1}: the gradient norm is {norm.item()}; stopped "
+                           f"({ckpt.kept()})")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             ckpt.losses = dict(loss=loss, lm=lm, diffusion=diffusion)
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm:.3f}", diff=f"{diffusion:.4f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm:.3f}", diff=f"{diffusion:.4f}")
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 rate = (step - first) / (time.perf_counter() - t0)
                 tqdm.write(f"step {step}/{args.steps}  loss {loss:.4f}  lm {lm:.4f}  diffusion "
@@ -134,9 +137,9 @@ def train(args):
                 with signals.saving():
                     ckpt.save(step)
             if stop:
-                raise Interrupted(f"interrupted: saved step {step} to {out}; continue with --resume")
+                raise Interrupted(f"interrupted: saved step {step} to {out}; go on with --resume")
             if step == args.stop_after:
-                return say(f"stopped after step {step} (--stop-after); saved to {out}; continue with --resume")
+                return say(f"stopped after step {step} (--stop-after), saved to {out}; go on with --resume")
     say(f"done: {step} steps, saved to {out}")
 
 
@@ -150,8 +153,8 @@ def lr_at(step, args):  # linear warmup, then cosine down to a tenth at --steps
 
 
 def loss_weights(args, stage):  # the stage's, unless given as flags
-    return {k: stage[f"{k}_weight"] if getattr(args, f"{k}_weight") is None else getattr(args, f"{k}_weight")
-            for k in ("lm", "diffusion")}
+    given = {k: getattr(args, f"{k}_weight") for k in ("lm", "diffusion")}
+    return {k: stage[f"{k}_weight"] if w is None else w for k, w in given.items()}
 
 
 def example_source(args, stage):
@@ -161,9 +164,14 @@ def example_source(args, stage):
         return lambda e: data.example(mix[e % len(mix)], args.seed, e)
     if not Path(args.data).is_file():
         raise Stop(f"--data {args.data}: no such file (give 'shapes' or a JSONL manifest of documents)")
-    docs = list(data.read_documents(args.data))  # a manifest of your own, read once, reshuffled each epoch
+    docs = list(data.read_documents(args.data))  # a manifest: read once, reshuffled each epoch
     if not docs:
         raise Stop(f"{args.data}: no documents")
+    for n, (text, _) in enumerate(docs, 1):
+        try:
+            dreamllm.check_text(text)
+        except ValueError as e:
+            raise Stop(f"{args.data}: document {n}: {e}") from None
 
     @functools.lru_cache(maxsize=2)
     def order(epoch):
@@ -174,34 +182,36 @@ def example_source(args, stage):
 
 
 def open_run(args):
-    # -> (the checkpoint to continue or None, the run's folder, the stage), refusing what would lose work
+    # -> (the checkpoint to continue or None, the run's folder, the stage); refuses what loses work
     stage, out = STAGES[args.stage], Path(args.out or f"out/{args.preset}")
-    args.given = {k: v for k, v in vars(args).items() if k != "given"}  # as given: saved, compared on resume
+    args.given = {k: v for k, v in vars(args).items() if k != "given"}  # saved; compared on resume
     args.lr = stage["lr"] if args.lr is None else args.lr
     args.warmup = min(100, args.steps // 20) if args.warmup is None else args.warmup
-    args.whiten = RECIPES.get(args.preset, {}).get("whiten", False) if args.whiten is None else args.whiten
+    if args.whiten is None:  # the preset's recipe decides
+        args.whiten = RECIPES.get(args.preset, {}).get("whiten", False)
     if out.exists() and not out.is_dir():
         raise Stop(f"--out {out} is a file, not a folder; pick another --out")
     run = checkpoint.read_run(out)
     if args.resume and run is None:
         raise Stop(f"--resume: {out} holds no checkpoint to continue")
     if run is not None and not args.resume:
-        raise Stop(f"{out} already holds a run (stage {run['stage']}, step {run['step']} of {run['steps']}): "
-                   "continue it with --resume, or pick another --out")
+        raise Stop(f"{out} already holds a run (stage {run['stage']}, step {run['step']} of "
+                   f"{run['steps']}): continue it with --resume, or pick another --out")
     for key in RUN_ARGS if run else ():
         if run["args"].get(key) != args.given[key]:
-            was, now = (v if v is not None else "(not given)" for v in (run["args"].get(key), args.given[key]))
+            was, now = ("(not given)" if v is None else v for v in (run["args"].get(key), args.given[key]))
             raise Stop(f"--resume: {out} is a run with --{key.replace('_', '-')} {was}, not {now}")
     return run, out, stage
 
 
 def setup(args, stage, run, out, example, rank, world, device):
-    # the model with what earlier runs trained, the optimizer, the step to start from, the checkpointer
+    # the model with what earlier runs trained, the optimizer, the step to start at, the checkpointer
     if args.batch_size < world:
-        raise Stop(f"--batch-size {args.batch_size} (the global batch) is smaller than the {world} processes")
+        raise Stop(f"--batch-size {args.batch_size} (the global batch) is under the {world} processes")
     if args.fsdp and "llm" not in stage["groups"]:
-        raise Stop(f"--fsdp shards the LLM, which stage {args.stage} does not train (use plain data parallel)")
-    variants = {k: v for k in ("target", "min_snr_gamma", "cond_dropout") if (v := getattr(args, k)) is not None}
+        raise Stop(f"--fsdp shards the LLM, which stage {args.stage} does not train (drop --fsdp)")
+    variants = {k: getattr(args, k) for k in ("target", "min_snr_gamma", "cond_dropout")}
+    variants = {k: v for k, v in variants.items() if v is not None}  # else the preset's DreamConfig
     model = cli.build_model(args.preset, seed=args.seed, **variants).to(device)
     groups, inherited = list(stage["groups"]), []
     if args.init:  # start from another run (e.g. stage II from stage I) and keep what it trained
@@ -218,7 +228,8 @@ def setup(args, stage, run, out, example, rank, world, device):
     units = parallel.shard_llm(model) if args.fsdp else []
     whitening = None
     if args.whiten and "condition_projector" in stage["groups"] and "llm" not in groups:
-        saved = {k.split(".", 1)[1]: train_state.pop(k) for k in list(train_state) if k.startswith("whitening.")}
+        saved = {k.split(".", 1)[1]: train_state.pop(k) for k in list(train_state)
+                 if k.startswith("whitening.")}
         whitening = Whitening(model, example, saved or None, keep="condition_projector" in inherited)
     params, opt = make_optimizer(model, stage["groups"], args, whitening)
     if device.type == "cuda":
@@ -238,9 +249,9 @@ def setup(args, stage, run, out, example, rank, world, device):
 
 
 def make_optimizer(model, groups, args, whitening=None):
-    # Only the stage's groups train. AdamW; no weight decay on the dream queries, the new token rows,
-    # biases and norms. New rows without the LLM: the gradient of the old rows is zeroed, so (with no
-    # decay) Adam leaves them bit-identical.
+    # Only the stage's groups train. AdamW; no weight decay on the dream queries, the new token
+    # rows, biases and norms. New rows without the LLM: the gradient of the old rows is zeroed, so
+    # (with no decay) Adam leaves them bit-identical.
     by_group = model.trainable_groups()
     params, no_decay = [], set()
     for g in groups:
@@ -254,14 +265,15 @@ def make_optimizer(model, groups, args, whitening=None):
         p.requires_grad_(True)
     if "new_tokens" in groups and "llm" not in groups:
         for p in by_group["new_tokens"]:
-            keep = (torch.arange(p.shape[0], device=p.device) >= model.n_text_vocab)[:, None]  # (V, 1)
+            keep = (torch.arange(p.shape[0], device=p.device) >= model.n_text_vocab)[:, None]
             p.register_hook(lambda grad, keep=keep: grad * keep)
     slow = []
     if whitening:  # AdamW steps W' in W's place, the dream queries at lr * QUERY_LR (whitening.py)
         params, slow = whitening.optimizer_params(params)
     decay = [p for p in params if id(p) not in no_decay]
     rest = [p for p in params if id(p) in no_decay and all(p is not q for q in slow)]
-    param_groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=rest, weight_decay=0.0)]
+    param_groups = [dict(params=decay, weight_decay=args.weight_decay),
+                    dict(params=rest, weight_decay=0.0)]
     param_groups += [dict(params=slow, weight_decay=0.0, lr_scale=Whitening.QUERY_LR)] if slow else []
     opt = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
     if whitening:
@@ -287,9 +299,12 @@ class Checkpointer:
             probe.write_bytes(b"0")
             probe.unlink()
         except OSError as e:
-            raise Stop(f"--out {self.out}: cannot write there ({e.strerror or e}); pick another --out") from None
-        trained = sum(t.numel() * t.element_size() for t in self.model.trained_state(self.groups).values())
-        need, free = 2 * 3 * trained, shutil.disk_usage(self.out).free  # model + AdamW's 2 moments, twice
+            raise Stop(f"--out {self.out}: cannot write there ({e.strerror or e}); pick another "
+                       "--out") from None
+        tensors = self.model.trained_state(self.groups).values()
+        trained = sum(t.numel() * t.element_size() for t in tensors)
+        need = 2 * 3 * trained  # the model and AdamW's two moments, twice (the new beside the last)
+        free = shutil.disk_usage(self.out).free
         if free < need:
             raise Stop(f"--out {self.out}: {free / 2**20:.0f} MiB free, a checkpoint needs "
                        f"{need / 2**20:.0f} MiB; free some space or pick another --out")
@@ -304,18 +319,21 @@ class Checkpointer:
         train_state |= self.whitening.state() if self.whitening else {}
         if self.rank == 0:
             a = self.args
-            config = dict(preset=a.preset, stage=a.stage, groups=self.groups, step=step, steps=a.steps,
-                          seed=a.seed, dream_config=asdict(self.model.config), losses=self.losses, args=a.given)
+            config = dict(preset=a.preset, stage=a.stage, groups=self.groups, step=step,
+                          steps=a.steps, seed=a.seed, dream_config=asdict(self.model.config),
+                          losses=self.losses, args=a.given)
+            tensors = dict(model=trained, train_state=train_state)
             try:
-                checkpoint.save_run(self.out, step, dict(model=trained, train_state=train_state), config)
+                checkpoint.save_run(self.out, step, tensors, config)
             except OSError as e:
                 raise Stop(f"step {step}: the checkpoint could not be written ({e.strerror or e}); "
                            f"{self.kept()}") from None
         self.saved = step
 
     def kept(self):
-        return f"the last good checkpoint, step {self.saved}, is kept in {self.out}" if self.saved else \
-            "no checkpoint was written"
+        if self.saved is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint, step {self.saved}, is kept in {self.out}"
 
 
 class StopSignals:
@@ -330,7 +348,8 @@ class StopSignals:
         if self.received and signum == signal.SIGINT and not self.in_save:
             raise KeyboardInterrupt
         self.received = True
-        tqdm.write(f"{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit without saving)")
+        name = signal.Signals(signum).name
+        tqdm.write(f"{name}: saving after this step (Ctrl-C again to quit without saving)")
 
     @contextmanager
     def saving(self):  # the files of a checkpoint are written whole: a second Ctrl-C waits for them
@@ -360,9 +379,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default: 5%% of --steps, at most 100)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on weight matrices only")
-    p.add_argument("--whiten", action=argparse.BooleanOptionalAction, help="train the condition projector in whitened "
-                   "coordinates, a trick of ours (whitening.py; stages with the LLM frozen; default: the "
-                   "preset's recipe, on for toy)")
+    p.add_argument("--whiten", action=argparse.BooleanOptionalAction,
+                   help="train the condition projector in whitened coordinates, a trick of ours "
+                   "(whitening.py; stages with the LLM frozen; default: the preset's recipe, on for toy)")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu (fp32)")
     p.add_argument("--out", help="the run's folder (default: out/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -387,9 +406,12 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "stop_after"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    checks = [("lr", lambda v: 0 < v <= 1, "a learning rate in (0, 1]"), ("warmup", lambda v: v >= 0, ">= 0"),
-              ("weight_decay", lambda v: 0 <= v < 1, "in [0, 1)"), ("cond_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-              ("min_snr_gamma", lambda v: v > 0, "> 0"), ("diffusion_weight", lambda v: v >= 0, ">= 0"),
+    checks = [("lr", lambda v: 0 < v <= 1, "a learning rate in (0, 1]"),
+              ("warmup", lambda v: v >= 0, ">= 0"),
+              ("weight_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("cond_dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+              ("min_snr_gamma", lambda v: v > 0, "> 0"),
+              ("diffusion_weight", lambda v: v >= 0, ">= 0"),
               ("lm_weight", lambda v: v >= 0, ">= 0")]
     for name, ok, what in checks:
         v = getattr(args, name)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import CheckpointError, assign, read_config, read_state_dict, weight_files
+from checkpoint import CheckpointError, assign, check_types, read_config, read_state_dict, weight_files
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -45,6 +45,7 @@ class UNetConfig:
     sample_size: int | None = None  # latent size trained at (informational)
 
     def __post_init__(self):
+        check_types(self)
         self.channels, self.cross_attn = tuple(self.channels), tuple(bool(c) for c in self.cross_attn)
         n = len(self.channels)
         self.n_heads = (self.n_heads,) * n if isinstance(self.n_heads, int) else tuple(self.n_heads)
@@ -93,6 +94,7 @@ class VAEConfig:
     sample_size: int = 32       # image size trained at (informational)
 
     def __post_init__(self):
+        check_types(self)
         self.channels = tuple(self.channels)
 
     @classmethod

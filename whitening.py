@@ -1,4 +1,5 @@
-"""A trick of this project, not of the paper: the condition projector trained in whitened coordinates.
+"""A trick of this project, not of the paper: the condition projector trained in whitened
+coordinates.
 Opt-in (train.py --whiten); the shapes world's recipe turns it on by name (train.py's RECIPES).
 
 What: AdamW steps W' and the projector is W = W' Z, with Z = (E[h h^T] + eps)^(-1/2) over the dream
@@ -37,9 +38,9 @@ class Whitening:
             with torch.no_grad():
                 h = torch.cat([model.dream_states(text.split(data.IMAGE_TOKEN)[0])[0].double()
                                for text, _ in map(example, range(self.N_PROMPTS))])  # (N K, D)
-                e, V = torch.linalg.eigh(h.T @ h / len(h))  # float64: e spans six orders of magnitude
+                e, V = torch.linalg.eigh(h.T @ h / len(h))  # float64: e spans 6 orders of magnitude
                 Z = V @ torch.diag((e.clamp(min=0) + self.EPS * e.max()).rsqrt()) @ V.T  # (D, D)
-                Z = ((Z + Z.T) / 2).float()  # symmetric to the last bit, as the gradient's map assumes
+                Z = ((Z + Z.T) / 2).float()  # symmetric to the last bit, as dL/dW' assumes
                 W = self.weight.detach().float().clone()  # not a view: update() writes the weight
             saved = {"Z": Z, "prime": W @ torch.linalg.inv(Z) if keep else W}
         self.Z = saved["Z"].to(self.weight.device)

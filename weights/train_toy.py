@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+import cli
 import clip
 import data
 import diffusion
@@ -415,7 +416,10 @@ def main():
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count and the pool size (e.g. 0.02: a smoke test)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    cli.main(lambda: train_all(args, pick_device(args.device)), "weights/train_toy.py")
+
+
+def train_all(args, device):
     args.out.mkdir(parents=True, exist_ok=True)
     pool, timings, start = None, {}, time.time()
     print(f"training {', '.join(p for p in PARTS if p in args.only)} on {device} into {args.out}")
