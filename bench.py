@@ -267,7 +267,7 @@ def dream_row(size, device, dtype):
     half = dtype == torch.bfloat16
     model.llm.gradient_checkpointing = half
     trains = model.trainable_groups()  # train.py's stage I-creation: these groups, the rest frozen
-    params = [p for g in ("dream_queries", "condition_projector", "new_tokens") for p in trains[g]]
+    params = [p for g in ("dream_queries", "condition_projector") for p in trains[g]]
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -280,7 +280,7 @@ def dream_row(size, device, dtype):
     def step():
         with torch.autocast(device.type, torch.bfloat16, enabled=half):
             losses = model(**batch)
-        loss = losses["lm"] + 10.0 * losses["diffusion"]  # stage I's weights
+        loss = losses["diffusion"]  # stage I-creation's weights: LM 0, diffusion 1
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -210,19 +210,22 @@ KINDS = ("t2i", "i2t", "vqa", "document")  # the kinds of training example, by w
 
 
 def example(kind, seed, i, split="train"):
-    """Example i of a kind -> (text with IMAGE_TOKEN placeholders, [PIL images]): "t2i" a caption,
-    then its picture (the model writes it); "i2t" a picture, then its caption (it reads it); "vqa" a
-    picture, a question and its answer; "document" an interleaved document."""
+    """Example i of a kind -> (text with IMAGE_TOKEN placeholders, [PIL images], layout, reply):
+    "t2i" a caption, then its picture (the model writes it: layout "t2i"); "i2t" a picture, then
+    its caption (it reads it: "i2t"); "vqa" a picture and a question, the answer the reply ("chat");
+    "document" an interleaved document ("document"). The layouts are dreamllm.LAYOUTS'."""
     if kind == "document":
         text, scenes = document_example(seed, i, split)
-        return text, [draw(s) for s in scenes]
+        return text, [draw(s) for s in scenes], "document", ""
     if kind == "vqa":
         scene, question, answer = question_example(seed, i, split)
-        return f"{IMAGE_TOKEN} {question} {answer}", [draw(scene)]
+        return f"{IMAGE_TOKEN} {question}", [draw(scene)], "chat", f" {answer}"
     if kind not in KINDS:
         raise ValueError(f"unknown kind of example {kind!r} (have {', '.join(KINDS)})")
     text, scene = caption_example(seed, i, split)
-    return (f"{text} {IMAGE_TOKEN}" if kind == "t2i" else f"{IMAGE_TOKEN} {text}"), [draw(scene)]
+    if kind == "t2i":
+        return f"{text} {IMAGE_TOKEN}", [draw(scene)], "t2i", ""
+    return f"{IMAGE_TOKEN} {text}", [draw(scene)], "i2t", ""
 
 
 def captions(seed, split="train", start=0):

@@ -36,6 +36,17 @@ import unet
 
 SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", "<dream_start>",
                   "<dream_end>"]
+# How an example of each kind is laid out, as the official data builder does (omni/data/builders/
+# builder_dreamllm.py): what each <image> becomes (a dream slot, a read slot, or both: create it,
+# then read it back), and which text carries LM labels ("text": all of it, with each <dream_start>;
+# "reply": the reply only, as the user's turn is not the model's to learn; "none": nothing).
+LAYOUTS = {
+    "t2i": ("dream", "none"),           # an image-text pair, creation: BOS caption <dream slot> EOS
+    "i2t": ("read", "text"),            # an image-text pair, comprehension: BOS <read slot> caption EOS
+    "chat": ("read", "reply"),          # a conversation (VQA): the image read, the answer learned
+    "document": ("dream+read", "text"),   # an interleaved document (MMC4): I-GPT
+    "instruct": ("dream+read", "reply"),  # SFT on documents: the instruction not learned
+}
 
 
 def check_text(text):
@@ -65,7 +76,11 @@ class DreamConfig:
     # (the weights of the two losses belong to a training stage: train.py's STAGES)
     target: str = "epsilon"             # the space of the diffusion MSE: "epsilon" | "v" | "x0"
     min_snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023), e.g. 5.0
-    cond_dropout: float = 0.1           # P(an image's condition -> the null one): trains CFG
+    cond_dropout: float = 0.0           # P(an image's condition -> a null one), e.g. 0.1; the
+                                        # release was trained without (no official config sets it)
+    dropout_null: str = "patches"       # that null: the LLM's states over the raw <im_patch>
+                                        # embeddings (official) | "queries": over the dream queries
+                                        # after an empty prompt, the null CFG samples with
     # structural: fixed when the model is built
     n_queries: int = 64                 # K dream queries per image
     clip_layer: int = -2                # the CLIP layer the LLM reads (the penultimate, as LLaVA)
@@ -74,18 +89,14 @@ class DreamConfig:
 
 @dataclass
 class PromptFormat:
-    # How a model's prompts are written: by default the toy world's plain documents, no template;
-    # official.VICUNA_V1_1 is the released DreamLLM-7B's (a chat in which a given image is read,
-    # not dreamt).
+    # How a model's prompts are written: by default the toy world's plain text, no template;
+    # official.VICUNA_V1_1 is the released DreamLLM-7B's.
     system: str | None = None           # a chat: "{system} USER: {message} ASSISTANT:"; None: bare
-    document_system: str | None = None  # the system prompt when a document is asked for
     question: str = "<image> {question}"  # answer(): the user's message, the image's place in it
-    read_only_images: bool = False      # a given <image> is a read slot only (else dream + read)
     caption_sep: str = " "              # text_to_image(): between the prompt and the dream slot
 
-    def chat(self, message, document=False):
-        system = (self.document_system or self.system) if document else self.system
-        return message if system is None else f"{system} USER: {message} ASSISTANT:"
+    def chat(self, message):
+        return message if self.system is None else f"{self.system} USER: {message} ASSISTANT:"
 
 
 class DreamLLM(nn.Module):
@@ -155,45 +166,52 @@ class DreamLLM(nn.Module):
         tok = self.token_id
         return [tok["<im_start>"]] + [tok["<im_patch>"]] * self.n_patches + [tok["<im_end>"]]
 
-    def encode_document(self, text, n_images, read_only=False):
-        # -> input_ids (T,), labels (T,): BOS, the text with each <image> expanded to a dream slot
-        # and a read slot (read_only: to its read slot alone, as the official chat data lays out an
-        # image the user gives), EOS
-        check_text(text)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode_document(self, text, n_images, layout="document", reply=""):
+        # -> input_ids (T,), labels (T,) of one example: BOS, the text, the reply (chat, instruct),
+        # EOS, each <image> expanded to the slots its layout gives it (LAYOUTS); -100: no label
+        slots, learn = LAYOUTS[layout]
+        check_text(text + reply)
+        if (found := (text + reply).count("<image>")) != n_images:
+            raise ValueError(f"the text has {found} <image> placeholders but {n_images} images were "
+                             "given")
         image = self.token_id["<image>"]
-        if ids.count(image) != n_images:
-            raise ValueError(f"the text has {ids.count(image)} <image> placeholders but {n_images} "
-                             "images were given")
+        dream = self.dream_slot() if "dream" in slots else []
+        read = self.read_slot() if "read" in slots else []
         input_ids, labels = [self.bos_id], [-100]  # nothing predicts BOS
-        for i in ids:
-            if i != image:
-                input_ids.append(i)
-                labels.append(i)
-                continue
-            slots = self.read_slot() if read_only else self.dream_slot() + self.read_slot()
-            # only <dream_start> is learned (where an image goes); what fills the slots is not text
-            input_ids += slots
-            labels += ([-100] if read_only else [slots[0]]) + [-100] * (len(slots) - 1)
+        for part, labelled in ((text, learn == "text"), (reply, learn in ("text", "reply"))):
+            for i in self.tokenizer.encode(part, add_special_tokens=False).ids if part else []:
+                if i != image:
+                    input_ids.append(i)
+                    labels.append(i if labelled else -100)
+                    continue
+                # of the slots only <dream_start> is learned, in labelled text: where an image goes
+                input_ids += dream + read
+                first = [dream[0] if labelled else -100] if dream else []
+                labels += first + [-100] * (len(dream) + len(read) - len(first))
         input_ids.append(self.eos_id)
-        labels.append(self.eos_id)
+        labels.append(self.eos_id if learn != "none" else -100)
         return torch.tensor(input_ids), torch.tensor(labels)
 
-    def collate(self, docs, diffusion=True):
-        # docs [(text, [PIL images])] -> a batch of tensors on the CPU: input_ids and labels (B, T),
-        # right-padded; clip_pixels (n, 3, s, s), CLIP's input for the read slots; vae_pixels
-        # (n, 3, S, S) in [-1, 1], the images the diffusion loss is taken on (left out when it is
-        # not computed). The n images in order of appearance.
-        encoded = [self.encode_document(text, len(images)) for text, images in docs]
-        B, T = len(docs), max(len(ids) for ids, _ in encoded)
+    def collate(self, examples, diffusion=True, flips=None):
+        # examples [(text, [PIL images], layout, reply)], or documents [(text, [PIL images])] -> a
+        # batch of tensors on the CPU: input_ids and labels (B, T), right-padded; clip_pixels
+        # (n_read, 3, s, s), CLIP's input for the read slots; vae_pixels (n_dream, 3, S, S) in
+        # [-1, 1], the images of the dream slots, which the diffusion loss is taken on (left out when
+        # it is not computed), mirrored where `flips` (one bool each) says. Images in order.
+        examples = [(*e, "document", "")[:4] if len(e) == 2 else e for e in examples]
+        encoded = [self.encode_document(text, len(ims), layout, reply)
+                   for text, ims, layout, reply in examples]
+        B, T = len(examples), max(len(ids) for ids, _ in encoded)
         input_ids, labels = torch.full((B, T), self.eos_id), torch.full((B, T), -100)
         for b, (ids, lab) in enumerate(encoded):
             input_ids[b, :len(ids)], labels[b, :len(ids)] = ids, lab
-        images = [im for _, images in docs for im in images]
-        batch = dict(input_ids=input_ids, labels=labels, clip_pixels=self.clip_pixels(images))
-        if diffusion and images:
-            size = self.config.image_size
-            batch["vae_pixels"] = torch.stack([unet.preprocess(im, size) for im in images])
+        read = [im for _, ims, layout, _ in examples if "read" in LAYOUTS[layout][0] for im in ims]
+        dream = [im for _, ims, layout, _ in examples if "dream" in LAYOUTS[layout][0] for im in ims]
+        batch = dict(input_ids=input_ids, labels=labels, clip_pixels=self.clip_pixels(read))
+        if diffusion and dream:
+            flips = flips or [False] * len(dream)
+            batch["vae_pixels"] = torch.stack([unet.preprocess(im, self.config.image_size, flip)
+                                               for im, flip in zip(dream, flips)])
         return batch
 
     def clip_pixels(self, images):  # PIL images -> (n, 3, s, s), CLIP's preprocessing; None if none
@@ -223,13 +241,13 @@ class DreamLLM(nn.Module):
             f = self.clip.image_features(pixels, self.config.clip_layer)[:, 1:]  # (n, N, width)
         return self.visual_projector(f.to(self.visual_projector.weight.dtype))
 
-    def embed(self, input_ids, clip_pixels=None):
+    def embed(self, input_ids, clip_pixels=None, queries=True):
         # (B, T) -> (B, T, D). Slots are filled in the flattened batch's order: the i-th read slot
-        # gets image i; every dream slot gets the same K queries.
+        # gets image i; every dream slot gets the same K queries (queries=False: left as they are)
         K = self.config.n_queries
         x = self.llm.model.embed_tokens(input_ids)  # (B, T, D)
         dream, read = self.slot_masks(input_ids)
-        if dream.any():
+        if dream.any() and queries:
             n = int(dream.sum()) // K
             assert n * K == dream.sum(), "a dream slot holds exactly n_queries <im_patch> tokens"
             x = x.masked_scatter(dream[..., None], self.dream_queries.to(x.dtype).repeat(n, 1))
@@ -270,7 +288,7 @@ class DreamLLM(nn.Module):
         cfg, noise = self.config, {k: v.to(self.device) for k, v in noise.items()}
         if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when
             # nothing is dropped, so every process of an FSDP run runs the LLM as often
-            null = self.null_condition().to(context.dtype)
+            null = self.condition("", queries=cfg.dropout_null == "queries").to(context.dtype)
             context = torch.where(noise["drop"][:, None, None], null, context)
         with torch.no_grad():  # the VAE is frozen; a sample of its posterior, as SD was trained
             pixels = vae_pixels.to(self.device, self.vae.quant_conv.weight.dtype)
@@ -280,24 +298,27 @@ class DreamLLM(nn.Module):
         return diffusion.denoising_loss(self.unet, self.noise_scheduler, z0, noise["eps"],
                                         noise["t"], context, cfg.target, cfg.min_snr_gamma)
 
-    def dream_states(self, prompt=""):
-        # BOS + prompt + a dream slot -> the K queries' final hidden states (1, K, D). The
-        # separator: training documents read "caption <image>" and the tokenizer splits at <image>;
-        # the official model's captions were followed by the dream slot directly (caption_sep "").
+    def dream_states(self, prompt="", images=(), queries=True):
+        # BOS + prompt + a dream slot -> the K queries' final hidden states (1, K, D). An <image> in
+        # the prompt is read first (a read slot: image + text -> image). The separator: training
+        # captions read "caption <image>" and the tokenizer splits at <image>; the official model's
+        # captions were followed by the dream slot directly (caption_sep ""). queries=False: the
+        # slot holds the raw <im_patch> embeddings (the official training's dropout null).
         text = prompt.rstrip() + self.prompts.caption_sep if prompt.strip() else ""
         # BOS + text (no EOS), then the slot without <dream_end>
-        ids = self.encode_document(text, 0)[0][:-1].tolist() + self.dream_slot()[:-1]
-        x = self.embed(torch.tensor([ids], device=self.device))
+        ids = self.encode_document(text, len(images), "chat")[0][:-1].tolist() + self.dream_slot()[:-1]
+        x = self.embed(torch.tensor([ids], device=self.device), self.clip_pixels(images), queries)
         return self.llm.hidden_states(inputs_embeds=x)[:, -self.config.n_queries:]
 
-    def condition(self, prompt=""):
-        # the dream queries' states, projected: (1, K, C). Differentiable: training's null uses it.
-        return self.condition_projector(self.dream_states(prompt))
+    def condition(self, prompt="", images=(), queries=True):
+        # the dream queries' states, projected: (1, K, C); differentiable (training's null)
+        return self.condition_projector(self.dream_states(prompt, images, queries))
 
-    def null_condition(self):
-        # The CFG null, (1, K, C): the dream queries after an empty prompt, BOS <dream_start>.
+    def null_condition(self, negative=""):
+        # The CFG null, (1, K, C): the dream queries after a negative prompt, by default the empty
+        # one, BOS <dream_start>, as the official pipeline computes its unconditional branch.
         # (<dream_end> comes after the queries, so under causal attention it cannot change them.)
-        return self.condition("")
+        return self.condition(negative)
 
     def trainable_groups(self):
         # what a training stage may choose to train; CLIP, the VAE and the UNet are in none.
@@ -348,9 +369,9 @@ class DreamLLM(nn.Module):
 
     @torch.no_grad()
     def sample_images(self, context, steps=50, guidance=7.5, sampler="ddim", generator=None,
-                      progress=True):
-        # context (n, K, C) -> n PIL images: the frozen SD draws them, the null condition for CFG
-        null = None if guidance == 1 else self.null_condition()
+                      progress=True, negative=""):
+        # context (n, K, C) -> n PIL images: the frozen SD draws them; CFG's null from `negative`
+        null = None if guidance == 1 else self.null_condition(negative)
         return diffusion.sample_cfg(self.unet, self.vae, self.scheduler_config, context, null,
                                     self.config.image_size, steps, guidance, sampler, generator,
                                     progress)
@@ -358,19 +379,19 @@ class DreamLLM(nn.Module):
     @torch.no_grad()
     def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5,
                  steps=50, sampler="ddim", generator=None, force_image=False, max_images=4,
-                 progress=True, read_only=False):
+                 progress=True, layout="document", negative=""):
         # Continues `text` into a document: a list of str and PIL images. Given images (one per
-        # <image>) are laid out as in training, dream slot + read slot (read_only: a read slot only,
-        # the official chat format). max_new_tokens counts the sampled tokens, not the slots.
+        # <image>) are laid out as `layout` lays them out (a document's: dream slot + read slot; a
+        # chat's: a read slot). max_new_tokens counts the sampled tokens, not the slots.
         tok, llm, images = self.token_id, self.llm, list(images)
-        ids = self.encode_document(text, len(images), read_only)[0][:-1].to(self.device)  # no EOS
+        ids = self.encode_document(text, len(images), layout)[0][:-1].to(self.device)  # no EOS
         cache = llm.new_cache()
         x = self.embed(ids[None], self.clip_pixels(images))
         h = llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
         # tokens never learned as labels (BOS, the slots' insides) are never written
         banned = [self.bos_id] + [tok[s] for s in SPECIAL_TOKENS if s != "<dream_start>"]
         sampling = dict(steps=steps, guidance=guidance, sampler=sampler, generator=generator,
-                        progress=progress)
+                        progress=progress, negative=negative)
         segments, text_ids = [], []
         for i in range(max_new_tokens):
             logits = llm.lm_head(h).float()  # (1, vocab)
@@ -405,18 +426,27 @@ class DreamLLM(nn.Module):
         return image, self.llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
 
     @torch.no_grad()
-    def text_to_image(self, prompt, num_images=1, **sampling):
-        # one condition, num_images noises (batched)
-        return self.sample_images(self.condition(prompt).expand(num_images, -1, -1), **sampling)
+    def text_to_image(self, prompt, num_images=1, images=(), **sampling):
+        # one condition, num_images noises (batched). An <image> in the prompt (one per image
+        # given) is read before the dream slot: image + text -> image.
+        condition = self.condition(prompt, images)
+        return self.sample_images(condition.expand(num_images, -1, -1), **sampling)
 
-    def answer(self, image, question, **generate_kw):
-        # image -> text: the document "<image> question" continued (data.py's Q&A form), no images
-        # written; or, with a chat format, the question asked in it
+    @torch.no_grad()
+    def answer(self, image, question, beams=1, max_new_tokens=64, **generate_kw):
+        # image -> text: the question asked as the prompt format asks it (a chat's layout: the
+        # image read, not dreamt), no image written. beams > 1: beam search (official VQA: 5).
         p = self.prompts
         text = p.chat(p.question.format(question=question))
-        segments = self.generate(text, [image], max_images=0, read_only=p.read_only_images,
-                                 **generate_kw)
-        return "".join(segments).strip()
+        if beams == 1:
+            segments = self.generate(text, [image], max_new_tokens=max_new_tokens, max_images=0,
+                                     layout="chat", **generate_kw)
+            return "".join(segments).strip()
+        ids = self.encode_document(text, 1, "chat")[0][:-1].to(self.device)  # no EOS
+        x = self.embed(ids[None], self.clip_pixels([image]))
+        banned = [self.bos_id] + list(self.token_id.values())  # no slot token: text only
+        tokens = self.llm.beam_search(x, beams, max_new_tokens, self.eos_id, banned)
+        return self.tokenizer.decode(tokens).strip()
 
 
 PRESETS = {

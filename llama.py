@@ -127,6 +127,10 @@ class KVCache:
         self.k[layer], self.v[layer] = k, v
         return k, v
 
+    def reorder(self, rows):  # keep these batch rows, in this order (beam search), repeats allowed
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
 
 class StaticKVCache:
     # The same, preallocated for a batch: (B, n_kv_heads, max_len, head_dim) per layer, new tokens
@@ -319,6 +323,39 @@ class Llama(nn.Module):
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             logits = self(token[:, None], attention_mask=attention_mask, cache=cache)[:, -1]
         return torch.stack(out, dim=1)
+
+    @torch.no_grad()
+    def beam_search(self, inputs_embeds, beams, max_new_tokens, eos_id, banned=()):
+        # The `beams` most likely continuations of one prompt (1, T, D) are kept at every step, each
+        # scored by its log-probability; one ends at eos_id, and the best ending is the one of the
+        # highest log-probability per token (HF's num_beams, length_penalty 1, no sampling).
+        # -> its tokens, a list without the EOS.
+        def logprobs(h):  # (n, vocab), the banned tokens impossible
+            return F.log_softmax(self.lm_head(h).float(), -1).index_fill(-1, banned, float("-inf"))
+        banned = torch.tensor(list(banned), dtype=torch.long, device=inputs_embeds.device)
+        cache = KVCache(self.cfg.n_layers)
+        logp = logprobs(self.hidden_states(inputs_embeds=inputs_embeds, cache=cache)[:, -1])
+        seqs, scores, ended = [[]], logp.new_zeros(1), []  # ended: (score per token, tokens)
+        for step in range(max_new_tokens):
+            V = logp.shape[-1]
+            total = (scores[:, None] + logp).flatten()
+            top, index = total.topk(min(2 * beams, len(total)))  # enough to refill after EOSes
+            rows, tokens, kept = [], [], []
+            for s, i in zip(top.tolist(), index.tolist()):
+                row, token = divmod(i, V)
+                if token == eos_id:
+                    ended.append((s / (step + 1), seqs[row]))
+                elif len(rows) < beams:
+                    rows, tokens, kept = rows + [row], tokens + [token], kept + [s]
+            seqs, scores = [seqs[r] + [t] for r, t in zip(rows, tokens)], logp.new_tensor(kept)
+            # done when `beams` have ended and none running can catch up the best of them
+            if len(ended) >= beams and max(ended)[0] >= max(kept) / (step + 1):
+                break
+            cache.reorder(torch.tensor(rows, device=logp.device))
+            logp = logprobs(self.hidden_states(torch.tensor(tokens, device=logp.device)[:, None],
+                                               cache=cache)[:, -1])
+        ended += [(s / len(q), q) for s, q in zip(scores.tolist(), seqs)]  # cut at max_new_tokens
+        return max(ended)[1]
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):

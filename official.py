@@ -51,16 +51,33 @@ IGNORE = [r"rotary_emb\.inv_freq$", r"position_ids$"]
 # read twice: the plugins' own files are the source.
 PLUGINS_IN_LLM = ("model.clip_vision_embedding.", "model.dream_embedding.", "stable_diffusion_head.")
 
-# The official prompt formats (omni/conversation/conversation.py, "vicuna_v1.1", as FastChat's; the
-# document system prompt is its "dream_conversation"'s). A given image is a read slot only, as in the
-# official chat data; text-to-image puts the dream slot right after BOS + prompt.
+# The official prompt format (omni/conversation/conversation.py, "vicuna_v1.1", as FastChat's): the
+# one its chat data and its instructed documents (the SFT's MMC4 instructions) are written in. A
+# given image is read (a chat's layout); text-to-image puts the dream slot right after BOS + prompt.
 VICUNA_V1_1 = PromptFormat(
     system="A chat between a curious user and an artificial intelligence assistant. The assistant gives "
            "helpful, detailed, and polite answers to the user's questions.",
-    document_system="A chat between a curious user and an artificial intelligence assistant. The assistant "
-                    "writes engaged, and detailed articles/news/blogs/diaries/handbooks/menus/introductions "
-                    "with illustrations and text following user's instructions.",
-    question="<image>{question}", read_only_images=True, caption_sep="")
+    question="<image>{question}", caption_sep="")
+
+# How the official scripts sample each released model (all with diffusers' DDPMScheduler built from
+# SD 2.1-base's scheduler config):
+# - dreamllm-7b: omni/eval/text2img (scripts/eval/text2img/eval_coco_zero_shot_clip8_select.sh), the
+#   COCO FID runs of the paper: 150 steps, guidance 2.0, the empty prompt as CFG's null. (The CLI
+#   pipeline, projects/dreamllm/cli_stable_diffusion_pipeline.py, runs 100 steps at 7.5.)
+# - dreamllm-7b-aesthetic: projects/dreamllm/inference.py, the demo: 150 steps, guidance 3.5, a
+#   quality prefix before every prompt and a negative prompt as CFG's null.
+NEGATIVE = ("ugly,duplicate,morbid,mutilated,tranny,mutated hands,poorly drawn hands,blurry,bad anatomy,"
+            "bad proportions,extra limbs,cloned face,disfigured,missing arms,extra legs,mutated hands,"
+            "fused fingers,too many fingers,unclear eyes,lowers,bad anatomy,bad hands,text,error,missing "
+            "fingers,extra digit,fewer digits,cropped,worst quality,low quality,normal quality,jpeg "
+            "artifacts,signature,watermark,username,blurry,bad feet,gettyimages")
+SAMPLING = {
+    "dreamllm-7b": dict(sampler="ddpm", steps=150, guidance=2.0, prefix="", negative=""),
+    "dreamllm-7b-aesthetic": dict(sampler="ddpm", steps=150, guidance=3.5,
+                                  prefix="(best quality,extremely detailed) ", negative=NEGATIVE),
+}
+# and answers: omni/eval/vqa/vqa_inference.py decodes with 5 beams (or samples at temperature 0.2)
+BEAMS = 5
 
 
 def _missing(folder, names, download):
@@ -200,8 +217,8 @@ class StableDiffusion:
 
     @torch.no_grad()
     def text_to_image(self, prompt, num_images=1, steps=50, guidance=7.5, sampler="ddim", generator=None,
-                      progress=True, image_size=512):
-        ids = self.tokenize(["", prompt]).to(self.device)
+                      progress=True, image_size=512, negative=""):
+        ids = self.tokenize([negative, prompt]).to(self.device)  # CFG's null: the negative prompt
         null, cond = self.text_encoder.text_hidden_states(ids).to(self.dtype).chunk(2)  # (1, 77, C) each
         return sample_cfg(self.unet, self.vae, self.scheduler_config, cond.expand(num_images, -1, -1), null,
                           image_size, steps, guidance, sampler, generator, progress, desc="plain SD")

@@ -4,11 +4,13 @@ image -> text, and the shapes world's evaluation.
     python sample.py --prompt "a red circle" --num-images 4 --seed 0     # PNGs + grid.png in out/samples
     python sample.py --document "Here is a blue square. <image>"          # out/samples/document.html
     python sample.py --image out/samples/a_red_circle_0.png --question "What colour is the circle?"
+    python sample.py --image out/samples/a_red_circle_0.png --prompt "<image> the same, in blue"
     python sample.py --eval --eval-images 4            # held-out prompts: colour and shape accuracy
 
 The released DreamLLM-7B (python -m weights.download dreamllm-7b-chat sd-2.1-base; 8.0B parameters,
-16 GB of GPU memory in bf16), with its official prompt formats (official.py), and plain SD 2.1-base
-beside it with its own text encoder, the paper's baseline:
+16 GB of GPU memory in bf16), with its official prompt format and the official scripts' sampling
+(official.py: DDPM, 150 steps; answers by 5 beams), and plain SD 2.1-base beside it with its own
+text encoder, the paper's baseline:
 
     python sample.py --model dreamllm-7b --prompt "a red bicycle against a brick wall" --baseline-sd
     python sample.py --model dreamllm-7b --image photo.jpg --question "What is unusual here?" --max-new-tokens 128
@@ -119,7 +121,8 @@ def evaluate(model, run, args, sampling, out):
         right = 0
         for i in tqdm(range(args.eval_questions), desc="toy VQA", unit="question", disable=None):
             scene, question, answer = data.question_example(args.seed, i, split="eval")
-            reply = model.answer(data.draw(scene), question, max_new_tokens=args.max_new_tokens, progress=False)
+            reply = model.answer(data.draw(scene), question, beams=args.beams,
+                                 max_new_tokens=args.max_new_tokens, progress=False)
             right += reply.rstrip(".").strip() == answer
         result["vqa"] = right / args.eval_questions
         print(f"toy VQA on {args.eval_questions} held-out images: {result['vqa']:.2f}")
@@ -132,45 +135,67 @@ def evaluate(model, run, args, sampling, out):
     print(f"wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
 
 
+TOY_SAMPLING = dict(sampler="ddim", steps=30, guidance=2.0, prefix="", negative="")  # measured best
+# for the toy SD: guidance 2 (weights/train_toy.py), DDIM's 30 steps draw as its 50 do
+
+
 def main(argv=None):
-    p = cli.Parser(description="Sample a trained DreamLLM: images, documents, answers; --eval scores it.",
-               formatter_class=cli.Help)
+    p = cli.Parser(description="Sample a trained DreamLLM: images, documents, answers; --eval scores "
+                   "it.", formatter_class=cli.Help)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="text -> --num-images images (PNGs and a labelled grid.png)")
-    what.add_argument("--document", help="continue this text into an interleaved document (document.html); "
-                      "a final <image> asks for an image there")
-    what.add_argument("--image", help="an image to ask --question about")
+    what.add_argument("--prompt", help="text -> --num-images images (PNGs and a labelled grid.png); "
+                      "with --image, image + text -> image (the image read first)")
+    what.add_argument("--document", help="continue this text into an interleaved document "
+                      "(document.html); a final <image> asks for an image there")
+    what.add_argument("--question", help="a question about --image, answered")
     what.add_argument("--eval", action="store_true", help="colour and shape accuracy on held-out prompts")
-    p.add_argument("--question", help="the question about --image")
-    p.add_argument("--model", help="the released DreamLLM: a preset (dreamllm-7b, dreamllm-7b-aesthetic) or its "
-                   "folder; instead of --ckpt")
-    p.add_argument("--dtype", choices=list(DTYPES), help="--model's weights (default: bf16 on CUDA, else fp32)")
-    p.add_argument("--baseline-sd", action="store_true", help="--prompt: also plain Stable Diffusion with its own "
-                   "text encoder (the paper's baseline), side by side in grid.png")
-    p.add_argument("--sd", default="weights/sd-2.1-base", help="--baseline-sd's diffusers pipeline folder")
-    p.add_argument("--ckpt", help=f"a train.py run's folder (default: out/<preset>, preset {DEFAULT_PRESET})")
+    p.add_argument("--image", help="the image --question asks about, or that --prompt draws from")
+    p.add_argument("--model", help="the released DreamLLM: a preset (dreamllm-7b, "
+                   "dreamllm-7b-aesthetic) or its folder; instead of --ckpt")
+    p.add_argument("--dtype", choices=list(DTYPES), help="--model's weights (default: bf16 on CUDA, "
+                   "else fp32)")
+    p.add_argument("--baseline-sd", action="store_true", help="--prompt: also plain Stable Diffusion "
+                   "with its own text encoder (the paper's baseline), side by side in grid.png")
+    p.add_argument("--sd", default="weights/sd-2.1-base", help="--baseline-sd's diffusers folder")
+    p.add_argument("--ckpt", help=f"a train.py run's folder (default: out/<preset>, preset "
+                   f"{DEFAULT_PRESET})")
     p.add_argument("--preset", help="the preset the checkpoint must be of (default: whatever it is)")
-    p.add_argument("--untrained", action="store_true", help="no checkpoint: the preset as built (a baseline)")
+    p.add_argument("--untrained", action="store_true", help="no checkpoint: the preset as built "
+                   "(a baseline)")
     p.add_argument("--out", default="out/samples", help="folder for the PNGs, document.html, eval.json")
     p.add_argument("--num-images", type=int, default=4, help="images for --prompt")
     p.add_argument("--seed", type=int, default=0, help="the noise (and the text, if --temperature > 0)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none; "
-                   "the toy SD draws best at 2, the real model is run at 2-7.5)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="the denoising sampler")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write (documents, answers)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    how = p.add_argument_group("sampling (default: the official scripts' for --model, official.py's "
+                               "SAMPLING; for the toy, DDIM 30 steps at guidance 2)")
+    how.add_argument("--sampler", choices=["ddim", "ddpm"], help="the denoising sampler")
+    how.add_argument("--steps", type=int, help="denoising steps")
+    how.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: none)")
+    how.add_argument("--negative", help="the negative prompt: CFG's null condition ('' for none)")
+    how.add_argument("--prefix", help="put before every prompt (the aesthetic model's demo: a "
+                     "quality prefix; '' for none)")
+    how.add_argument("--beams", type=int, help="--question: beam search with this many beams (1: "
+                     "greedy or sampled; default: 5 for --model, as the official VQA runs, else 1)")
+    how.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write")
+    how.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--eval-images", type=int, default=16, help="--eval: images per held-out prompt")
     p.add_argument("--eval-questions", type=int, default=40, help="--eval: toy VQA questions")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu")
     args = p.parse_args(argv)
-    if bool(args.image) != bool(args.question):
-        p.error("--image and --question go together")
-    if args.baseline_sd and args.prompt is None:
-        p.error("--baseline-sd goes with --prompt")
+    if args.question is not None and not args.image:
+        p.error("--question needs --image, the image it asks about")
+    if args.image and args.question is None and args.prompt is None:
+        p.error("--image goes with --question (answer) or --prompt (image + text -> image)")
+    if args.baseline_sd and (args.prompt is None or args.image):
+        p.error("--baseline-sd goes with --prompt alone")
     if args.model and (args.eval or args.ckpt or args.untrained):
-        p.error("--model is the released model: not with --eval (the toy world's), --ckpt or --untrained")
-    for name in ("num_images", "steps", "eval_images", "eval_questions", "max_new_tokens"):
+        p.error("--model is the released model: not with --eval (the toy world's), --ckpt or "
+                "--untrained")
+    defaults = official.SAMPLING.get(args.model, official.SAMPLING["dreamllm-7b"]) if args.model \
+        else TOY_SAMPLING
+    for key, value in defaults.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    args.beams = args.beams or (official.BEAMS if args.model else 1)
+    for name in ("num_images", "steps", "eval_images", "eval_questions", "max_new_tokens", "beams"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
@@ -183,8 +208,7 @@ def main(argv=None):
 
 
 def sample(args):
-    if args.image:  # read it first: a bad path fails before the model loads
-        image = data.open_image(args.image)
+    image = data.open_image(args.image) if args.image else None  # a bad path fails before loading
     device = cli.pick_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     # the baseline first: a missing SD folder fails before the 13.5 GB are read
@@ -194,37 +218,49 @@ def sample(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)  # on the CPU: the same images on any device
-    sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, generator=g)
-    # the released model's weights are already in --dtype; the toy checkpoints run under bf16 autocast on CUDA
+    sampling = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, generator=g,
+                    negative=args.negative)
+    # the released model's weights are already in --dtype; the toy checkpoints run under bf16
+    # autocast on CUDA
     with torch.no_grad(), contextlib.nullcontext() if args.model else cli.autocast(device):
         if args.prompt is not None:
-            images = model.text_to_image(args.prompt, args.num_images, **sampling)
-            for i, im in enumerate(images):
-                im.save(out / f"{slug(args.prompt)}_{i}.png")
-            rows = [(args.prompt, images)]
-            if sd is not None:  # the same prompt and seeds through plain SD
-                sampling["generator"] = torch.Generator().manual_seed(args.seed)
-                baseline = sd.text_to_image(args.prompt, args.num_images, image_size=model.config.image_size,
-                                            **sampling)
-                for i, im in enumerate(baseline):
-                    im.save(out / f"sd_{slug(args.prompt)}_{i}.png")
-                rows = [("DreamLLM: " + args.prompt, images), ("plain SD: " + args.prompt, baseline)]
-            grid(rows, scale=2 if images[0].width <= 128 else 1).save(out / "grid.png")
-            print(f"wrote {len(images) * len(rows)} images and grid.png to {out}")
+            draw(model, sd, image, args, sampling, out)
         elif args.document is not None:
-            # a text ending in <image> asks for an image there first (the rest is the model's choice)
-            text, force = args.document.rstrip(), args.document.rstrip().endswith(data.IMAGE_TOKEN)
+            # a text ending in <image> asks for an image there first (the rest is the model's)
+            text = args.document.rstrip()
+            force = text.endswith(data.IMAGE_TOKEN)
             text = text.removesuffix(data.IMAGE_TOKEN) if force else args.document
-            # (a chat model gets the request in its template; the toy's documents are plain text)
-            segments = model.generate(model.prompts.chat(text, document=True), max_new_tokens=args.max_new_tokens,
+            segments = model.generate(model.prompts.chat(text), max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, force_image=force, **sampling)
             n = write_document(text, segments, out)
             print(f"wrote {out / 'document.html'} with {n} image(s)")
-        elif args.image:
-            print(model.answer(image, args.question, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, generator=g))
+        elif args.question is not None:
+            print(model.answer(image, args.question, beams=args.beams, generator=g,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature))
         else:
             evaluate(model, run, args, sampling, out)
+
+
+def draw(model, sd, image, args, sampling, out):
+    # --prompt: images, and the plain-SD baseline beside them; with --image, image + text -> image
+    prompt = args.prefix + args.prompt
+    if image is not None and data.IMAGE_TOKEN not in prompt:
+        prompt = f"{data.IMAGE_TOKEN} {prompt}"  # the picture read first, then the dream slot
+    images = model.text_to_image(prompt, args.num_images, images=[image] if image else [],
+                                 **sampling)
+    for i, im in enumerate(images):
+        im.save(out / f"{slug(args.prompt)}_{i}.png")
+    rows = [(args.prompt, images)]
+    if sd is not None:  # the same prompt and seeds through plain SD
+        sampling = dict(sampling, generator=torch.Generator().manual_seed(args.seed))
+        sampling.pop("negative")
+        baseline = sd.text_to_image(prompt, args.num_images, image_size=model.config.image_size,
+                                    negative=args.negative, **sampling)
+        for i, im in enumerate(baseline):
+            im.save(out / f"sd_{slug(args.prompt)}_{i}.png")
+        rows = [("DreamLLM: " + args.prompt, images), ("plain SD: " + args.prompt, baseline)]
+    grid(rows, scale=2 if images[0].width <= 128 else 1).save(out / "grid.png")
+    print(f"wrote {len(images) * len(rows)} images and grid.png to {out}")
 
 
 if __name__ == "__main__":

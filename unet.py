@@ -565,12 +565,15 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> VAE:
     return _load(path, "vae", VAEConfig, VAE, device, dtype, rename)
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    # PIL -> (3, size, size) in [-1, 1], what the VAE encodes: shortest side to `size` (bicubic), then
-    # the centre crop
+def preprocess(image: Image.Image, size: int, flip=False) -> torch.Tensor:
+    # PIL -> (3, size, size) in [-1, 1], what the VAE encodes, as the official training prepares it
+    # (torchvision's Resize, bilinear; CenterCrop; a random flip there, `flip` here): shortest side
+    # to `size`, the centre crop, mirrored left to right if `flip`
     im, k = image.convert("RGB"), size / min(image.size)
-    im = im.resize((max(size, round(im.width * k)), max(size, round(im.height * k))), Image.BICUBIC)
+    w, h = max(size, round(im.width * k)), max(size, round(im.height * k))
+    im = im if im.size == (w, h) else im.resize((w, h), Image.BILINEAR)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     im = im.crop((left, top, left + size, top + size))
+    im = im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
     return x.float() / 127.5 - 1

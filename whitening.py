@@ -37,7 +37,7 @@ class Whitening:
         if saved is None:  # the text before each example's first image: what a dream slot follows
             with torch.no_grad():
                 h = torch.cat([model.dream_states(text.split(data.IMAGE_TOKEN)[0])[0].double()
-                               for text, _ in map(example, range(self.N_PROMPTS))])  # (N K, D)
+                               for text, *_ in map(example, range(self.N_PROMPTS))])  # (N K, D)
                 e, V = torch.linalg.eigh(h.T @ h / len(h))  # float64: e spans 6 orders of magnitude
                 Z = V @ torch.diag((e.clamp(min=0) + self.EPS * e.max()).rsqrt()) @ V.T  # (D, D)
                 Z = ((Z + Z.T) / 2).float()  # symmetric to the last bit, as dL/dW' assumes

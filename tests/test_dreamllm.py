@@ -151,6 +151,47 @@ def test_embed_fills_slots_in_order(model):
     assert image == 3
 
 
+def test_layouts_are_the_official_data_builders(model):
+    # omni/data/builders/builder_dreamllm.py, kind by kind, on replicas of its examples
+    t, K, N, X = model.token_id, 8, 16, -100
+    bos, eos = model.bos_id, model.eos_id
+
+    def enc(s):
+        return model.tokenizer.encode(s, add_special_tokens=False).ids
+    D = [t["<dream_start>"]] + [t["<im_patch>"]] * K + [t["<dream_end>"]]  # dream slot
+    R = [t["<im_start>"]] + [t["<im_patch>"]] * N + [t["<im_end>"]]        # read slot
+    # an image-text pair, creation: BOS caption <dream slot> EOS, and no label at all
+    ids, lab = model.encode_document("a red circle<image>", 1, "t2i")
+    assert ids.tolist() == [bos] + enc("a red circle") + D + [eos] and (lab == X).all()
+    # comprehension: BOS <read slot> caption EOS; the caption and EOS labelled
+    ids, lab = model.encode_document("<image>a red circle", 1, "i2t")
+    assert ids.tolist() == [bos] + R + enc("a red circle") + [eos]
+    assert lab.tolist() == [X] * (1 + len(R)) + enc("a red circle") + [eos]
+    # a conversation: the image read; only the assistant's reply and EOS labelled
+    ids, lab = model.encode_document("<image>What colour is it?", 1, "chat", " red")
+    assert ids.tolist() == [bos] + R + enc("What colour is it?") + enc(" red") + [eos]
+    assert lab.tolist() == [X] * (1 + len(R) + len(enc("What colour is it?"))) + enc(" red") + [eos]
+    # an interleaved document: each image dreamt, then read; <dream_start> the one labelled slot token
+    ids, lab = model.encode_document("Here:<image>It is red.", 1, "document")
+    assert ids.tolist() == [bos] + enc("Here:") + D + R + enc("It is red.") + [eos]
+    assert lab.tolist() == [X] + enc("Here:") + [D[0]] + [X] * (len(D) - 1 + len(R)) + enc("It is red.") + [eos]
+    # an instructed document (SFT): the instruction unlabelled, the document after it as a document
+    ids, lab = model.encode_document("Draw it.", 1, "instruct", " Here:<image>")
+    assert ids.tolist() == [bos] + enc("Draw it.") + enc(" Here:") + D + R + [eos]
+    assert lab.tolist() == [X] * (1 + len(enc("Draw it."))) + enc(" Here:") + [D[0]] + [X] * (len(D) - 1 + len(R)) + [eos]
+
+
+def test_collate_gives_each_slot_its_images(model):
+    # the read slots' images to CLIP, the dream slots' to the VAE, each in order of appearance
+    red, blue, green = (picture(c) for c in ("red", "blue", "green"))
+    batch = model.collate([("a red circle<image>", [red], "t2i", ""), ("<image>blue", [blue], "i2t", ""),
+                           ("x<image>", [green])], flips=[False, True])
+    assert torch.equal(batch["clip_pixels"], torch.stack([clip.preprocess(im, 32) for im in (blue, green)]))
+    vae = torch.stack([unet.preprocess(red, 64), unet.preprocess(green, 64).flip(-1)])
+    assert torch.equal(batch["vae_pixels"], vae)  # the second, mirrored as flips says
+    assert "vae_pixels" not in model.collate([("<image>blue", [blue], "i2t", "")])
+
+
 # ---- losses ------------------------------------------------------------------------------------------
 
 def test_lm_loss_is_shifted_cross_entropy_on_labels(model):
@@ -172,7 +213,7 @@ def hand_diffusion_loss(m, batch, seed, prediction_type, target, gamma, null=Fal
     with torch.no_grad():
         h = m.llm.hidden_states(inputs_embeds=m.embed(ids, batch["clip_pixels"]))
         if null:  # the condition of every image replaced by the null condition
-            context = m.null_condition().expand(n, -1, -1)
+            context = null(m).expand(n, -1, -1)
         else:
             starts = (ids == m.token_id["<dream_start>"]).nonzero().tolist()
             context = torch.stack([m.condition_projector(h[b, s + 1:s + 1 + 8]) for b, s in starts])
@@ -226,22 +267,39 @@ def test_diffusion_loss_equals_hand_computation(prediction_type, target, gamma):
         assert not torch.allclose(m(**with_noise(m, batch, 8))["diffusion"], hand)
 
 
-def test_condition_dropout_uses_the_null_condition():
-    m = dreamllm.build("tiny", cond_dropout=0.999)  # (a coin of rand() < 0.999: all dropped here)
+def official_null(m):
+    # the official training's dropout null: the LLM over BOS <dream_start> <im_patch> x K <dream_end>
+    # EOS with the raw <im_patch> embeddings (no dream queries), the states at positions 2..2+K
+    t = m.token_id
+    ids = torch.tensor([[m.bos_id, t["<dream_start>"]] + [t["<im_patch>"]] * 8 + [t["<dream_end>"], m.eos_id]])
+    h = m.llm.hidden_states(inputs_embeds=m.llm.model.embed_tokens(ids))
+    return m.condition_projector(h[:, 2:2 + 8])
+
+
+@pytest.mark.parametrize("which", ["patches", "queries"])
+def test_condition_dropout_uses_the_null_condition(which):
+    m = dreamllm.build("tiny", cond_dropout=0.999, dropout_null=which)  # (rand() < 0.999: all dropped)
     batch = m.collate(docs()[:2])
     with torch.no_grad():
         out = m(**with_noise(m, batch, 3))
-    assert torch.allclose(out["diffusion"], hand_diffusion_loss(m, batch, 3, "epsilon", "epsilon", None, null=True),
-                          rtol=1e-5)
+        null = official_null if which == "patches" else (lambda m: m.null_condition())
+        hand = hand_diffusion_loss(m, batch, 3, "epsilon", "epsilon", None, null=null)
+        other = hand_diffusion_loss(m, batch, 3, "epsilon", "epsilon", None,
+                                    null=(lambda m: m.null_condition()) if which == "patches" else official_null)
+    assert torch.allclose(out["diffusion"], hand, rtol=1e-5) and not torch.allclose(out["diffusion"], other)
     q = m.null_condition()
     assert q.shape == (1, 8, 64)
-    # the null condition is the condition of an image that opens a document (an empty prompt)
+    # CFG's null is the condition of an image that opens a document (an empty prompt)
     ids = m.encode_document("<image> after", 1)[0][None]
     with torch.no_grad():
         h = m.llm.hidden_states(inputs_embeds=m.embed(ids, m.clip_pixels([picture("red")])))
     assert torch.allclose(q, m.condition_projector(h[:, 2:2 + 8]), atol=1e-6)
     q.sum().backward()  # differentiable in the queries
     assert m.dream_queries.grad.abs().sum() > 0
+
+
+def test_by_default_no_condition_is_dropped():  # as the release was trained: no config sets it
+    assert dreamllm.DreamConfig().cond_dropout == 0.0 and dreamllm.DreamConfig().dropout_null == "patches"
 
 
 def test_batch_without_images_has_no_diffusion_loss(model):
@@ -257,7 +315,7 @@ def test_forward_is_reproducible_from_the_generator(model):
     assert torch.equal(a, b)
 
 
-STAGES = {"I": ["dream_queries", "condition_projector", "visual_projector"],
+STAGES = {"I": ["dream_queries", "condition_projector", "visual_projector"],  # both halves at once
           "II": ["dream_queries", "condition_projector", "visual_projector", "llm"]}
 
 

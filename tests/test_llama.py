@@ -1,5 +1,6 @@
 # llama.py against Hugging Face transformers (the reference, test-only) on small random models
 # saved in the official layouts, fp32 on CPU. Run with -s to see the measured parity figures.
+import itertools
 import json
 
 import pytest
@@ -224,3 +225,26 @@ def test_bad_folders(tmp_path):
                                                           rope_scaling=dict(type="linear", factor=2.0))))
     message = one_line_error(tmp_path)
     assert "config.json" in message and "'linear'" in message
+
+
+def test_beam_search_finds_the_best_continuation():
+    torch.manual_seed(0)
+    model = llama.build(llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=6,
+                                          hidden_dim=64)).eval()
+    prompt = model.model.embed_tokens(torch.tensor([[1, 4, 2]]))
+
+    def logprob(seq):  # the model's log-probability of `seq` after the prompt
+        ids = torch.tensor([[1, 4, 2] + seq])
+        logp = torch.log_softmax(model(ids)[0, 2:-1].float(), -1)
+        return logp.gather(-1, torch.tensor(seq)[:, None]).sum().item()
+    with torch.no_grad():
+        # one beam is greedy decoding
+        greedy = model.generate(inputs_embeds=prompt, max_new_tokens=3)[0].tolist()
+        assert model.beam_search(prompt, 1, 3, eos_id=-1) == greedy
+        # enough beams to keep every prefix: the best of all 6^3 continuations, exactly
+        best = max(itertools.product(range(6), repeat=3), key=lambda s: logprob(list(s)))
+        assert model.beam_search(prompt, 36, 3, eos_id=-1) == list(best)
+        three = model.beam_search(prompt, 3, 3, eos_id=-1)
+        assert logprob(three) >= logprob(greedy) - 1e-6
+        # an ended continuation is scored per token; a banned token is never written
+        assert 5 not in model.beam_search(prompt, 3, 4, eos_id=0, banned=[5])

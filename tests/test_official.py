@@ -134,7 +134,7 @@ def test_runs_end_to_end(model):
     assert len(images) == 2 and images[0].size == (64, 64)
     reply = model.answer(picture(), "What is in the picture?", max_new_tokens=5, progress=False)
     assert isinstance(reply, str)
-    segments = model.generate(official.VICUNA_V1_1.chat("Write about a bicycle.", document=True),
+    segments = model.generate(official.VICUNA_V1_1.chat("Write about a bicycle."),
                               max_new_tokens=4, force_image=True, **sampling)
     assert isinstance(segments[0], Image.Image) and all(isinstance(s, str) for s in segments[1:])
 
@@ -145,7 +145,7 @@ def test_official_prompt_formats(model, monkeypatch):
     assert official.VICUNA_V1_1.chat("<image>What is it?") == f"{system} USER: <image>What is it? ASSISTANT:"
     seen = []
     embed = model.embed
-    monkeypatch.setattr(model, "embed", lambda ids, pixels=None: seen.append(ids[0].tolist()) or embed(ids, pixels))
+    monkeypatch.setattr(model, "embed", lambda ids, *a: seen.append(ids[0].tolist()) or embed(ids, *a))
     t, tok = model.token_id, model.tokenizer
     # text -> image: BOS + the prompt's tokens + <dream_start> + K queries (no space token between)
     model.text_to_image("a red bicycle", steps=1, progress=False)
@@ -159,6 +159,63 @@ def test_official_prompt_formats(model, monkeypatch):
     read = [t["<im_start>"]] + [t["<im_patch>"]] * model.n_patches + [t["<im_end>"]]
     enc = lambda s: tok.encode(s, add_special_tokens=False).ids
     assert seen[0] == [1] + enc(before) + read + enc(after) and t["<dream_start>"] not in seen[0]
+
+
+def test_image_and_text_to_image_reads_the_picture_before_the_dream_slot(model, monkeypatch):
+    # the official pipeline's MultimodalContent prompt: each <image> a read slot, then the queries
+    seen = []
+    embed = model.embed
+    monkeypatch.setattr(model, "embed", lambda ids, *a: seen.append(ids[0].tolist()) or embed(ids, *a))
+    t, tok = model.token_id, model.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    images = model.text_to_image("a bicycle like <image>", images=[picture()], steps=1, progress=False)
+    read = [t["<im_start>"]] + [t["<im_patch>"]] * model.n_patches + [t["<im_end>"]]
+    assert seen[0] == [1] + enc("a bicycle like ") + read + [t["<dream_start>"]] + [t["<im_patch>"]] * K
+    assert images[0].size == (64, 64)
+    with torch.no_grad():
+        plain = model.condition("a bicycle like")
+        assert not torch.allclose(model.condition("a bicycle like <image>", [picture()]), plain)
+
+
+def test_the_null_condition_is_the_negative_prompt(model, monkeypatch):
+    seen = []
+    condition = model.condition
+    monkeypatch.setattr(model, "condition", lambda p="", *a, **k: seen.append(p) or condition(p, *a, **k))
+    model.text_to_image("a red bicycle", steps=1, progress=False, negative="blurry")
+    assert seen == ["a red bicycle", "blurry"]  # the prompt's condition, then CFG's null
+
+
+@pytest.mark.parametrize("preset", ["dreamllm-7b", "dreamllm-7b-aesthetic"])
+def test_sample_runs_the_official_scripts_settings(preset, release, model, monkeypatch, tmp_path):
+    monkeypatch.setitem(official.PRESETS, preset, release[0])
+    monkeypatch.setattr(official, "load_official", lambda *a, **k: model)
+    calls = []
+    monkeypatch.setattr(type(model), "text_to_image", lambda self, prompt, n, **kw: calls.append((prompt, kw))
+                        or [picture()] * n)
+    monkeypatch.setattr(type(model), "answer", lambda self, image, q, **kw: calls.append((q, kw)) or "a bike")
+    sample.main(["--model", preset, "--prompt", "a bike", "--num-images", "1", "--out", str(tmp_path),
+                 "--device", "cpu"])
+    prompt, kw = calls[0]
+    want = official.SAMPLING[preset]
+    assert (kw["sampler"], kw["steps"], kw["guidance"], kw["negative"]) == \
+        ("ddpm", 150, want["guidance"], want["negative"])
+    assert prompt == want["prefix"] + "a bike" and (preset.endswith("aesthetic")) == bool(want["prefix"])
+    sample.main(["--model", preset, "--prompt", "a bike", "--steps", "20", "--sampler", "ddim",
+                 "--negative", "", "--prefix", "", "--num-images", "1", "--out", str(tmp_path), "--device", "cpu"])
+    prompt, kw = calls[1]  # every default one flag away
+    assert (prompt, kw["sampler"], kw["steps"], kw["negative"]) == ("a bike", "ddim", 20, "")
+    picture().save(tmp_path / "p.png")
+    sample.main(["--model", preset, "--image", str(tmp_path / "p.png"), "--question", "What is it?",
+                 "--out", str(tmp_path), "--device", "cpu"])
+    assert calls[2][1]["beams"] == official.BEAMS == 5  # the official VQA's beam search
+
+
+def test_answers_by_beam_search(model):
+    with torch.no_grad():
+        greedy = model.answer(picture(), "What is it?", max_new_tokens=4, progress=False)
+        assert model.answer(picture(), "What is it?", beams=1, max_new_tokens=4, progress=False) == greedy
+        beamed = model.answer(picture(), "What is it?", beams=3, max_new_tokens=4)
+    assert isinstance(beamed, str)
 
 
 def test_build_resolves_the_preset(release, monkeypatch, tmp_path):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 def ckpt(tmp_path_factory, one_thread):
     # stage I trains the visual projector too, so --eval also scores toy VQA
     out = tmp_path_factory.mktemp("run")
-    train.main(["--preset", "tiny", "--stage", "I", "--steps", "2", "--batch-size", "2", "--device", "cpu",
+    train.main(["--preset", "tiny", "--stage", "I-comprehension", "--steps", "2", "--batch-size", "2", "--device", "cpu",
                 "--out", str(out)])
     return str(out)
 
