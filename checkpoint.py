@@ -153,6 +153,10 @@ def latest(folder):  # the newest whole checkpoint's folder, or None
     return steps[max(steps)] if steps else None
 
 
+RUN_KEYS = dict(preset=str, stage=str, groups=list, step=int, steps=int, seed=int, dream_config=dict,
+                args=dict)
+
+
 def read_run(folder):
     # the newest checkpoint's config.json (with "path": its folder added), or None if there is none
     path = latest(folder)
@@ -171,17 +175,12 @@ def read_run(folder):
     return dict(config, path=path)
 
 
-RUN_KEYS = dict(preset=str, stage=str, groups=list, step=int, steps=int, seed=int, dream_config=dict,
-                args=dict)
-
-
 def read_tensors(run, name):  # "model" or "train_state" of the checkpoint read_run() found
     path = run["path"] / f"{name}.safetensors"
     try:
-        tensors = load_file(path)
+        return load_file(path)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
-    return tensors
 
 
 def save_run(folder, step, tensors, config):

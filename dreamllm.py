@@ -198,7 +198,7 @@ class DreamLLM(nn.Module):
         # (n_read, 3, s, s), CLIP's input for the read slots; vae_pixels (n_dream, 3, S, S) in
         # [-1, 1], the images of the dream slots, which the diffusion loss is taken on (left out when
         # it is not computed), mirrored where `flips` (one bool each) says. Images in order.
-        examples = [(*e, "document", "")[:4] if len(e) == 2 else e for e in examples]
+        examples = [(*e, "document", "") if len(e) == 2 else e for e in examples]
         encoded = [self.encode_document(text, len(ims), layout, reply)
                    for text, ims, layout, reply in examples]
         B, T = len(examples), max(len(ids) for ids, _ in encoded)

@@ -253,9 +253,8 @@ def draw(model, sd, image, args, sampling, out):
     rows = [(args.prompt, images)]
     if sd is not None:  # the same prompt and seeds through plain SD
         sampling = dict(sampling, generator=torch.Generator().manual_seed(args.seed))
-        sampling.pop("negative")
         baseline = sd.text_to_image(prompt, args.num_images, image_size=model.config.image_size,
-                                    negative=args.negative, **sampling)
+                                    **sampling)
         for i, im in enumerate(baseline):
             im.save(out / f"sd_{slug(args.prompt)}_{i}.png")
         rows = [("DreamLLM: " + args.prompt, images), ("plain SD: " + args.prompt, baseline)]

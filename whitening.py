@@ -46,15 +46,16 @@ class Whitening:
         self.Z = saved["Z"].to(self.weight.device)
         self.prime = torch.nn.Parameter(saved["prime"].to(self.weight.device))  # W': AdamW steps it
         self.update()
-        # dL/dW' = dL/dW Z^T (Z is symmetric), after every backward (micro-batches accumulate in W)
-        self.weight.register_post_accumulate_grad_hook(self._gradient_to_prime)
 
     def optimizer_params(self, params):
         # the optimizer's parameters: W' in W's place; and which of them step at lr * QUERY_LR
         params = [self.prime if p is self.weight else p for p in params]
         return params, [p for p in params if p is self.queries]
 
-    def attach(self, optimizer):  # W = W' Z after each optimizer step
+    def attach(self, optimizer):
+        # dL/dW' = dL/dW Z^T (Z is symmetric) after every backward (micro-batches accumulate in W),
+        # and W = W' Z after each optimizer step
+        self.weight.register_post_accumulate_grad_hook(self._gradient_to_prime)
         optimizer.register_step_post_hook(lambda *_: self.update())
 
     def state(self):  # saved with the optimizer's: resuming goes on from the same W' and Z

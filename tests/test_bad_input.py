@@ -139,8 +139,7 @@ def test_typed_slot_tokens_are_refused(forged, tmp_path, capsys):
                         + json.dumps({"text": f"{forged} <image>", "images": ["a.png"]}) + "\n")
     line = one_line(train.main, FAST + ["--data", str(manifest), "--out", str(tmp_path / "run")], capsys)
     assert "document 2" in line and "refused" in line
-    assert "<image>" in data.IMAGE_TOKEN  # the one token a person may type
-    model.encode_document("a red circle <image>", 1)
+    model.encode_document("a red circle <image>", 1)  # <image>, the one token a person may type
 
 
 def test_images_are_decoded_safely(tmp_path, capsys):
