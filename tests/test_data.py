@@ -168,6 +168,33 @@ def test_text_after_an_image_often_refers_back_to_it_and_truly():
     assert 0.6 < referred / images < 0.8, referred / images  # 7 images in 10
 
 
+def test_instructions_are_answered_with_what_they_ask_for():
+    forms = set()
+    for i in range(N):
+        instruction, reply, scenes = data.instruction_example(0, i)
+        assert reply.count(data.IMAGE_TOKEN) == len(scenes) and data.IMAGE_TOKEN not in instruction
+        if instruction.startswith("Write about"):  # a document of one picture per shape asked for
+            forms.add("write")
+            assert instruction == data.WRITE.format(data.NUMBERS[len(scenes)])
+            assert all(len(scene.shapes) == 1 for scene in scenes) and len(scenes) in (2, 3)
+            before = reply.split(data.IMAGE_TOKEN)[:-1]  # each picture is named right before it
+            assert all(f"{sc.shapes[0].color} {sc.shapes[0].shape}" in b for sc, b in zip(scenes, before))
+        else:  # "Draw a red circle." -> the picture, then a true sentence about it
+            forms.add("draw")
+            (scene,) = scenes
+            assert instruction.rstrip(".") in [d.format(data.caption(scene, form=f)).rstrip(".")
+                                               for d in data.DRAW
+                                               for f in ("full", "no size", "no position", "short")]
+            after = reply.split(data.IMAGE_TOKEN)[1].strip()
+            assert after in {b.format(**vars(s)) for s in scene.shapes for b in data.BACK}
+        text, images, layout, rep = data.example("instruct", 0, i)
+        assert (text, rep, layout, len(images)) == (instruction, reply, "instruct", len(scenes))
+    assert forms == {"write", "draw"}
+    for i in range(100):  # and never a held-out combination in training
+        assert all((s.color, s.shape) not in data.HELD_OUT
+                   for sc in data.instruction_example(0, i)[2] for s in sc.shapes)
+
+
 def answer(scene, question):
     """An independent reading of the question: find the one shape it names, then answer."""
     if question == "How many shapes are there?":
