@@ -175,6 +175,19 @@ def read_run(folder):
     return dict(config, path=path)
 
 
+def read_final(folder):
+    # A curriculum's folder (train.py --stage all: curriculum.json and a run folder per stage) ->
+    # (the folder of its last stage that holds a checkpoint, read_run of it); a run's folder ->
+    # (itself, read_run of it); (folder, None) when it holds neither
+    listing = Path(folder) / "curriculum.json"
+    if latest(folder) is None and listing.is_file():
+        stages = read_config(folder, "curriculum.json").get("stages", [])
+        for name in reversed(stages if isinstance(stages, list) else []):
+            if (run := read_run(Path(folder) / str(name))) is not None:
+                return Path(folder) / str(name), run
+    return Path(folder), read_run(folder)
+
+
 def read_tensors(run, name):  # "model" or "train_state" of the checkpoint read_run() found
     path = run["path"] / f"{name}.safetensors"
     try:

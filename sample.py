@@ -2,10 +2,10 @@
 image -> text, and the shapes world's evaluation.
 
     python sample.py --prompt "a red circle" --num-images 4 --seed 0     # PNGs + grid.png in out/samples
-    python sample.py --document "Here is a blue square. <image>"          # out/samples/document.html
+    python sample.py --document "Here is a blue square. <image>"   # document.html, document.json
     python sample.py --image out/samples/a_red_circle_0.png --question "What colour is the circle?"
     python sample.py --image out/samples/a_red_circle_0.png --prompt "<image> the same, in blue"
-    python sample.py --eval --eval-images 4            # held-out prompts: colour and shape accuracy
+    python sample.py --eval                  # the benchmark: eval.html, eval.json (benchmark.py)
 
 The released DreamLLM-7B (python -m weights.download dreamllm-7b-chat sd-2.1-base; 8.0B parameters,
 16 GB of GPU memory in bf16), with its official prompt format and the official scripts' sampling
@@ -16,9 +16,10 @@ text encoder, the paper's baseline:
     python sample.py --model dreamllm-7b --image photo.jpg --question "What is unusual here?" --max-new-tokens 128
     python sample.py --model dreamllm-7b --document "Write a short recipe for pancakes, with pictures."
 
---eval writes images for the prompts of data.eval_prompts() (colour-shape combinations no training
-document showed) and judges them with data.analyse: the toy world's FID table. --untrained evaluates
-the preset as built (dream queries at init), the baseline that shows what training did.
+--eval runs the shapes world's benchmark (benchmark.py) on colour-shape combinations no training
+document showed: drawing them, answering and captioning them, writing documents about them, all
+judged by data.analyse_scene and data.parse_caption, the toy world's FID table. --untrained
+evaluates the preset as built (dream queries at init), the baseline that shows what training did.
 """
 import contextlib
 import html
@@ -29,12 +30,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+import benchmark
 import checkpoint
 import cli
 import data
 import official
+import report
 from cli import Stop
 
 DEFAULT_PRESET = "toy"  # train.py's: what `python sample.py` samples (out/toy)
@@ -51,10 +53,11 @@ def load(args, device, dtype):
         return official.load_official(folder, device, dtype), None
     if args.untrained:
         return cli.build_model(args.preset or DEFAULT_PRESET, seed=args.seed), None
-    ckpt = Path(args.ckpt or f"out/{args.preset or DEFAULT_PRESET}")
-    run = checkpoint.read_run(ckpt)
+    root = Path(args.ckpt or f"out/{args.preset or DEFAULT_PRESET}")
+    ckpt, run = checkpoint.read_final(root)  # a curriculum's folder: its last stage trained
     if run is None:
-        raise Stop(f"{ckpt}: no checkpoint there (no step-N/ folder); train one with train.py")
+        raise Stop(f"{root}: no checkpoint there (no step-N/ folder, no stage of a curriculum); "
+                   "train one with train.py")
     if args.preset and run["preset"] != args.preset:
         raise Stop(f"{ckpt} holds a checkpoint of preset {run['preset']}, not {args.preset}")
     if Path(args.out).resolve() == ckpt.resolve():
@@ -84,71 +87,56 @@ def slug(text):  # "a red circle" -> "a_red_circle", for file names
 
 
 def write_document(prompt, segments, out):
-    # plain HTML, UTF-8, every text escaped, the images as PNGs beside it
-    parts, n = [f"<b>{html.escape(prompt)}</b>"], 0
+    # plain HTML, UTF-8, every text escaped, the images as PNGs beside it; and document.json, the
+    # same for programs: {"prompt": ..., "segments": [{"text": ...}, {"image": "document_1.png"}]},
+    # the whole document in order, the prompt its first text segment
+    parts, n, listed = [f"<b>{html.escape(prompt)}</b>"], 0, [dict(text=prompt)]
     for segment in segments:
         if isinstance(segment, str):
             parts.append(html.escape(segment))
+            listed.append(dict(text=segment))
         else:
             n += 1
             segment.save(out / f"document_{n}.png")
             parts.append(f'<br><img src="document_{n}.png" alt="image {n}" width="192" '
                          f'style="image-rendering: pixelated"><br>')
+            listed.append(dict(image=f"document_{n}.png"))
     page = ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>DreamLLM document</title></head>\n'
             '<body style="font-family: sans-serif; max-width: 40em; margin: 2em auto; line-height: 1.5">\n'
             f'<p>{"".join(parts)}</p>\n</body></html>\n')
     (out / "document.html").write_text(page, encoding="utf-8")
+    document = dict(prompt=prompt, segments=listed)
+    (out / "document.json").write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n",
+                                       encoding="utf-8")
     return n
 
 
 def evaluate(model, run, args, sampling, out):
-    # text -> image on held-out prompts, judged by the shapes world's analyser; toy VQA on held-out
-    # images when the visual projector was trained
-    n, rows, per_prompt = args.eval_images, [], {}
-    for prompt, colour, shape in tqdm(data.eval_prompts(), desc="eval prompts", unit="prompt", disable=None):
-        images = model.text_to_image(prompt, n, **sampling)
-        seen = [data.analyse(im) for im in images]
-        per_prompt[prompt] = dict(colour=sum(c == colour for c, _ in seen) / n,
-                                  shape=sum(s == shape for _, s in seen) / n,
-                                  both=sum((c, s) == (colour, shape) for c, s in seen) / n,
-                                  seen=[f"{c} {s}" for c, s in seen])
-        rows.append((prompt, images))
-    result = {k: sum(p[k] for p in per_prompt.values()) / len(per_prompt) for k in ("colour", "shape", "both")}
-    print(f"\n{'held-out prompt':<20} {'colour':>7} {'shape':>7} {'both':>7}")
-    for prompt, p in list(per_prompt.items()) + [("all", result)]:
-        print(f"{prompt:<20} {p['colour']:>7.2f} {p['shape']:>7.2f} {p['both']:>7.2f}")
-    if run is not None and "visual_projector" in run["groups"]:
-        right = 0
-        for i in tqdm(range(args.eval_questions), desc="toy VQA", unit="question", disable=None):
-            scene, question, answer = data.question_example(args.seed, i, split="eval")
-            reply = model.answer(data.draw(scene), question, beams=args.beams,
-                                 max_new_tokens=args.max_new_tokens, progress=False)
-            right += reply.rstrip(".").strip() == answer
-        result["vqa"] = right / args.eval_questions
-        print(f"toy VQA on {args.eval_questions} held-out images: {result['vqa']:.2f}")
-    grid(rows).save(out / "eval_grid.png")
-    report = dict(colour_accuracy=result["colour"], shape_accuracy=result["shape"], both_accuracy=result["both"],
-                  vqa_accuracy=result.get("vqa"), per_prompt=per_prompt, images_per_prompt=n,
-                  ckpt=None if run is None else args.ckpt, step=None if run is None else run["step"],
-                  sampling={k: v for k, v in sampling.items() if k != "generator"})
-    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out / 'eval.json'} and {out / 'eval_grid.png'}")
+    # the shapes world's benchmark, its sizes the defaults but for the two that sample.py sets
+    sizes = benchmark.Sizes(images=args.eval_images, questions=args.eval_questions)
+    meta = dict(model=f"{args.preset or DEFAULT_PRESET}, untrained" if run is None else
+                str(run["path"]))  # the checkpoint's step-N folder
+    sampling = {k: v for k, v in sampling.items() if k != "generator"}  # it seeds its own
+    benchmark.benchmark(model, out, args.seed, sampling, sizes, beams=args.beams, meta=meta)
+    if run is not None:  # the page to look at: the training's curves beside the benchmark's
+        page = report.write(args.ckpt or Path("out") / run["preset"], out, out / "report.html")
+        print(f"wrote {page}")
 
 
-TOY_SAMPLING = dict(sampler="ddim", steps=30, guidance=2.0, prefix="", negative="")  # measured best
-# for the toy SD: guidance 2 (weights/train_toy.py), DDIM's 30 steps draw as its 50 do
+TOY_SAMPLING = dict(benchmark.SAMPLING, prefix="")  # DDIM 30 steps, guidance 2: measured best
 
 
 def main(argv=None):
-    p = cli.Parser(description="Sample a trained DreamLLM: images, documents, answers; --eval scores "
-                   "it.", formatter_class=cli.Help)
+    p = cli.Parser(description="Sample a trained DreamLLM: images, documents, answers; --eval "
+                   "benchmarks it.", formatter_class=cli.Help)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text -> --num-images images (PNGs and a labelled grid.png); "
                       "with --image, image + text -> image (the image read first)")
     what.add_argument("--document", help="continue this text into an interleaved document "
                       "(document.html); a final <image> asks for an image there")
     what.add_argument("--question", help="a question about --image, answered")
-    what.add_argument("--eval", action="store_true", help="colour and shape accuracy on held-out prompts")
+    what.add_argument("--eval", action="store_true", help="the shapes world's benchmark "
+                      "(benchmark.py): eval.json, eval.html")
     p.add_argument("--image", help="the image --question asks about, or that --prompt draws from")
     p.add_argument("--model", help="the released DreamLLM: a preset (dreamllm-7b, "
                    "dreamllm-7b-aesthetic) or its folder; instead of --ckpt")
@@ -162,7 +150,8 @@ def main(argv=None):
     p.add_argument("--preset", help="the preset the checkpoint must be of (default: whatever it is)")
     p.add_argument("--untrained", action="store_true", help="no checkpoint: the preset as built "
                    "(a baseline)")
-    p.add_argument("--out", default="out/samples", help="folder for the PNGs, document.html, eval.json")
+    p.add_argument("--out", default="out/samples", help="folder for the PNGs, document.html, "
+                   "eval.json")
     p.add_argument("--num-images", type=int, default=4, help="images for --prompt")
     p.add_argument("--seed", type=int, default=0, help="the noise (and the text, if --temperature > 0)")
     how = p.add_argument_group("sampling (default: the official scripts' for --model, official.py's "
@@ -177,8 +166,11 @@ def main(argv=None):
                      "greedy or sampled; default: 5 for --model, as the official VQA runs, else 1)")
     how.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write")
     how.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--eval-images", type=int, default=16, help="--eval: images per held-out prompt")
-    p.add_argument("--eval-questions", type=int, default=40, help="--eval: toy VQA questions")
+    sizes = benchmark.Sizes()  # --eval's other sizes: python benchmark.py -h
+    p.add_argument("--eval-images", type=int, default=sizes.images, help="--eval: images per "
+                   "held-out single-shape prompt")
+    p.add_argument("--eval-questions", type=int, default=sizes.questions, help="--eval: VQA "
+                   "questions")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu")
     args = p.parse_args(argv)
     if args.question is not None and not args.image:

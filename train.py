@@ -2,6 +2,7 @@
 groups train, the weights of the two losses, the learning rate and the mix of training examples.
 
     python train.py                                              # the default run, into out/<preset>
+    python train.py --stage all               # the curriculum: I-creation, I-comprehension, II, III
     python train.py --preset tiny --steps 20 --device cpu --out out/try
     python train.py --stage I-comprehension --init out/tiny --out out/tiny-comprehension
     torchrun --nproc_per_node 2 train.py --device cpu --batch-size 8     # 2 processes, 4 documents each
@@ -21,6 +22,7 @@ Ctrl-C or SIGTERM: the step finishes, the run saves and exits (status 130).
 """
 import argparse
 import functools
+import json
 import math
 import random
 import shutil
@@ -82,7 +84,10 @@ RECIPES = {
         # without, 0.47 / 0.88 (16 images); with the official null 0.38 / 0.89; with this 0.73 / 0.84
         dream=dict(cond_dropout=0.1, dropout_null="queries"),
         betas=(0.9, 0.95), warmup_ratio=1 / 30, final_lr=0.1,  # then 0.79 / 0.94
-        stages={"I-creation": dict(diffusion_weight=10.0)},     # then 0.90 / 0.93
+        stages={"I-creation": dict(diffusion_weight=10.0),     # then 0.90 / 0.93
+                # SFT on the shapes world's instructions too: "Draw a red circle.", "Write about
+                # two shapes, with pictures." (data.instruction_example), beside its questions
+                "III": dict(mix=["vqa", "instruct", "vqa", "t2i", "i2t"])},
     ),
 }
 
@@ -91,13 +96,53 @@ def recipe(preset):  # the official recipe with the preset's deviations
     return OFFICIAL | dict(dream={}, stages={}) | RECIPES.get(preset, {})
 
 
+def stage_of(args):  # the stage as the preset's recipe has it: STAGES with its deviations
+    return STAGES[args.stage] | recipe(args.preset)["stages"].get(args.stage, {})
+
+
+# The curriculum `python train.py` runs (--stage all): the stages in the paper's order, each starting
+# from what the last trained (--init), each a run folder of its own under --out, e.g. out/toy/II/.
+# A stage already done is skipped; one interrupted is continued with --resume.
+CURRICULA = {
+    "toy": [("I-creation", 3000), ("I-comprehension", 300), ("II", 600), ("III", 400)],
+    "tiny": [("I-creation", 2), ("I-comprehension", 2), ("II", 2), ("III", 2)],  # for the tests
+}
+PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight", "stop_after")
+
+
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
-            "data", "init", "target", "min_snr_gamma", "cond_dropout", "dropout_null", "diffusion_weight",
+            "data", "mix", "init", "target", "min_snr_gamma", "cond_dropout", "dropout_null", "diffusion_weight",
             "lm_weight", "whiten")
 
 
 # ------------------------------------------------------------------------------------------- the loop
+
+def curriculum(args):
+    # --stage all: each stage of the preset's curriculum in turn, each from the last one's folder
+    if args.preset not in CURRICULA:
+        raise Stop(f"preset {args.preset} has no curriculum here; train one stage at a time with "
+                   f"--stage ({', '.join(STAGES)})")
+    if given := [k for k in PER_STAGE if getattr(args, k) is not None]:
+        raise Stop(f"--{given[0].replace('_', '-')} sets one stage: give it with --stage (the "
+                   "curriculum takes each stage's from CURRICULA and the recipe)")
+    root, init = Path(args.out or f"out/{args.preset}"), None
+    if root.exists() and not root.is_dir():
+        raise Stop(f"--out {root} is a file, not a folder; pick another --out")
+    stages = [name for name, _ in CURRICULA[args.preset]]
+    root.mkdir(parents=True, exist_ok=True)  # what sample.py reads to find the final stage
+    (root / "curriculum.json").write_text(json.dumps(dict(preset=args.preset, stages=stages)) + "\n")
+    for name, steps in CURRICULA[args.preset]:
+        stage_args = argparse.Namespace(**vars(args))
+        stage_args.stage, stage_args.steps, stage_args.init = name, steps, init
+        stage_args.out = str(root / name)
+        # a stage done is reopened only to be checked and skipped; one begun, with --resume
+        run = checkpoint.read_run(stage_args.out)
+        stage_args.resume = run is not None and (args.resume or run["step"] >= steps)
+        train(stage_args)
+        init = stage_args.out
+    print(f"the curriculum is done: the final model is {init}")
+
 
 def train(args):
     run, out, stage = open_run(args)
@@ -163,6 +208,9 @@ def train(args):
                 rate = (step - first) / (time.perf_counter() - t0)
                 tqdm.write(f"step {step}/{args.steps}  loss {loss:.4f}  lm {lm:.4f}  diffusion "
                            f"{diffusion:.4f}  lr {lr:.2e}  {rate:.2f} steps/s")
+                log_metrics(out, dict(stage=args.stage, step=step, loss=loss, lm=lm,
+                                      diffusion=diffusion, lr=lr, steps_per_s=rate,
+                                      seconds=time.perf_counter() - t0))
             if step in (args.steps, args.stop_after) or step % args.save_every == 0 or stop:
                 with signals.saving():
                     ckpt.save(step)
@@ -175,6 +223,13 @@ def train(args):
 
 # ---------------------------------------------------------------------------------- around the loop
 
+def log_metrics(out, record):
+    # one JSON line per logged step, appended to the run's metrics.jsonl (the curves to compare
+    # with: report.py draws them); a resumed run appends after the lines of its first part
+    with open(Path(out) / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def lr_at(step, args):  # linear warmup from 0, then cosine down to final_lr x the peak at --steps
     if step < args.warmup:
         return args.lr * step / args.warmup  # HF's: the first step has lr 0
@@ -184,7 +239,6 @@ def lr_at(step, args):  # linear warmup from 0, then cosine down to final_lr x t
 
 
 def loss_weights(args, stage):  # the stage's (as the preset's recipe has it), unless given as flags
-    stage = stage | recipe(args.preset)["stages"].get(args.stage, {})
     given = {k: getattr(args, f"{k}_weight") for k in ("lm", "diffusion")}
     return {k: stage[f"{k}_weight"] if w is None else w for k, w in given.items()}
 
@@ -192,7 +246,9 @@ def loss_weights(args, stage):  # the stage's (as the preset's recipe has it), u
 def example_source(args, stage):
     # e -> example e of the run, a pure function of (seed, e): resuming needs only the step
     if args.data == "shapes":
-        mix = stage["mix"]
+        mix = args.mix.split(",") if args.mix else stage["mix"]
+        if unknown := [k for k in mix if k not in data.KINDS]:
+            raise Stop(f"--mix: unknown kind {unknown[0]!r} (have {', '.join(data.KINDS)})")
         return lambda e: data.example(mix[e % len(mix)], args.seed, e)
     if not Path(args.data).is_file():
         raise Stop(f"--data {args.data}: no such file (give 'shapes' or a JSONL manifest of documents)")
@@ -215,7 +271,7 @@ def example_source(args, stage):
 
 def open_run(args):
     # -> (the checkpoint to continue or None, the run's folder, the stage); refuses what loses work
-    stage, out = STAGES[args.stage], Path(args.out or f"out/{args.preset}")
+    stage, out = stage_of(args), Path(args.out or f"out/{args.preset}")
     args.given = {k: v for k, v in vars(args).items() if k != "given"}  # saved; compared on resume
     args.lr = stage["lr"] if args.lr is None else args.lr
     if args.warmup is None:  # the recipe's share of the steps, rounded up (HF's warmup_ratio)
@@ -404,8 +460,11 @@ class StopSignals:
 def parse_args(argv=None):
     p = cli.Parser(description="Train DreamLLM (a stage of it) and checkpoint it.", formatter_class=cli.Help)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=cli.PRESETS, help="the backbones")
-    p.add_argument("--stage", default="I-creation", choices=list(STAGES), help="what trains, with which losses")
-    p.add_argument("--steps", type=int, default=3000, help="the run's length: the lr schedule spans it")
+    p.add_argument("--stage", default="I-creation", choices=["all", *STAGES], help="what trains, "
+                   "with which losses; all: the preset's curriculum (CURRICULA), each stage from the "
+                   "last (not yet the default: stage II unravels the toy's creation, see README)")
+    p.add_argument("--steps", type=int, help="the run's length: the lr schedule spans it (default: "
+                   "the stage's in the preset's curriculum, else 3000)")
     p.add_argument("--stop-after", type=int, help="checkpoint and exit after this step, as an interruption would")
     p.add_argument("--batch-size", type=int, default=8, help="documents per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -422,6 +481,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the initialisation, the data order and the noise")
     p.add_argument("--data", default="shapes", help="'shapes' (the shapes world) or a JSONL manifest of "
                    "interleaved documents (see data.py), read into memory once")
+    p.add_argument("--mix", help="the kinds of example to cycle over, e.g. 'i2t,vqa' (default: the "
+                   f"stage's; kinds: {', '.join(data.KINDS)})")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")
     p.add_argument("--log-every", type=int, default=10, help="print the losses every this many steps")
     speed = p.add_argument_group("speed and scale (under torchrun, --batch-size is the global batch)")
@@ -452,12 +513,14 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and ok(v)):
             p.error(f"--{name.replace('_', '-')} {v}: must be {what}")
+    if args.stage != "all" and args.steps is None:
+        args.steps = dict(CURRICULA.get(args.preset, [])).get(args.stage, 3000)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.main(lambda: train(args), "train.py")
+    cli.main(lambda: curriculum(args) if args.stage == "all" else train(args), "train.py")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import unet
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "weights" / "toy"
-FAST = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "2"]
+FAST = ["--preset", "tiny", "--stage", "I-creation", "--device", "cpu", "--batch-size", "2", "--steps", "2"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 

@@ -23,7 +23,7 @@ torchrun_ok = pytest.mark.skipif(not torch.distributed.is_available() or not tor
 def train(out, *extra, procs=1):
     launcher = [sys.executable] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
-    args = ["train.py", "--preset", "tiny", "--device", "cpu", "--steps", "3", "--batch-size", "4",
+    args = ["train.py", "--preset", "tiny", "--stage", "I-creation", "--device", "cpu", "--steps", "3", "--batch-size", "4",
             "--log-every", "1", "--out", str(out), *extra]
     r = subprocess.run(launcher + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]

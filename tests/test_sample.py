@@ -1,5 +1,5 @@
-"""sample.py on a tiny checkpoint (CPU): images, the interleaved document's HTML, answers, --eval, bad input."""
-import json
+"""sample.py on a tiny checkpoint (CPU): images, the interleaved document's HTML, answers, bad input
+(--eval and document.json: tests/test_benchmark.py)."""
 import os
 import re
 import subprocess
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, one_thread):
-    # stage I trains the visual projector too, so --eval also scores toy VQA
+    # (--eval, the benchmark: tests/test_benchmark.py)
     out = tmp_path_factory.mktemp("run")
     train.main(["--preset", "tiny", "--stage", "I-comprehension", "--steps", "2", "--batch-size", "2", "--device", "cpu",
                 "--out", str(out)])
@@ -89,36 +89,6 @@ def test_answer_asks_in_the_training_format_and_prints_the_reply(ckpt, tmp_path,
     assert text == "<image> What colour is it?" and max_images == 0  # data.py's "<image> {question} {answer}"
     assert images[0].tobytes() == Image.open(picture).convert("RGB").tobytes()
     assert not any((tmp_path / "o").iterdir())  # answering writes no file
-
-
-def test_eval_reports_accuracies_in_unit_interval(ckpt, tmp_path, capsys):
-    sample.main(["--ckpt", ckpt, "--eval", "--eval-images", "1", "--eval-questions", "2", "--steps", "2",
-                 "--max-new-tokens", "3", "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
-    report = json.loads((tmp_path / "eval.json").read_text())
-    for key in ("colour_accuracy", "shape_accuracy", "both_accuracy", "vqa_accuracy"):
-        assert 0 <= report[key] <= 1, key
-    assert set(report["per_prompt"]) == {p for p, _, _ in data.eval_prompts()}
-    for prompt, _, _ in data.eval_prompts():
-        assert prompt in printed
-    assert "toy VQA" in printed and (tmp_path / "eval_grid.png").is_file()
-
-
-def test_eval_judges_the_images_it_writes(tmp_path, monkeypatch, capsys):
-    # the accuracy is the analyser's verdict: perfect pictures score 1, blank ones 0
-    def drawn(self, prompt, n, **kw):
-        colour, shape = prompt.split()[1:]
-        scene = data.Scene((data.Shape(colour, shape, "large", "in the middle"),))
-        return [data.draw(scene)] * n
-    monkeypatch.setattr(dreamllm.DreamLLM, "text_to_image", drawn)
-    sample.main(["--untrained", "--preset", "tiny", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "eval.json").read_text())
-    assert (report["colour_accuracy"], report["shape_accuracy"], report["vqa_accuracy"]) == (1.0, 1.0, None)
-    monkeypatch.setattr(dreamllm.DreamLLM, "text_to_image",
-                        lambda self, prompt, n, **kw: [Image.new("RGB", (64, 64), data.BACKGROUND)] * n)
-    sample.main(["--untrained", "--preset", "tiny", "--eval", "--eval-images", "2", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "eval.json").read_text())
-    assert (report["colour_accuracy"], report["shape_accuracy"]) == (0.0, 0.0)
 
 
 def test_bad_input_exits_with_one_line(ckpt, tmp_path, capsys):

@@ -3,6 +3,7 @@ Ctrl-C, bad input; and the DreamLLM additions it relies on (new token rows, trai
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import train
 from whitening import Whitening
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--log-every", "1"]
+FAST = ["--preset", "tiny", "--stage", "I-creation", "--device", "cpu", "--batch-size", "2",
+        "--log-every", "1"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # subprocesses too run on one thread (see conftest.py)
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -54,10 +56,14 @@ def step_of(folder):  # the newest checkpoint's step, as its config.json and its
 # ---- the entry point --------------------------------------------------------------------------------
 
 def test_entry_point_trains_prints_the_loss_and_checkpoints(tmp_path):
-    r = run("train.py", "--preset", "tiny", "--steps", "20", "--device", "cpu", "--out", str(tmp_path))
+    r = run("train.py", "--preset", "tiny", "--stage", "I-creation", "--steps", "20", "--device", "cpu", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 20/20" in r.stdout and "loss" in r.stdout
-    assert [p.name for p in tmp_path.iterdir()] == ["step-20"]  # the checkpoint, whole; nothing else
+    # the checkpoint, whole, and the logged steps' metrics; nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "step-20"]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [10, 20] and logged[-1]["stage"] == "I-creation"
+    assert all(m["loss"] > 0 and m["lr"] > 0 and m["steps_per_s"] > 0 for m in logged)
     assert sorted(p.name for p in (tmp_path / "step-20").iterdir()) == sorted(checkpoint.RUN_FILES)
     config = json.loads((tmp_path / "step-20" / "config.json").read_text())
     assert (config["preset"], config["stage"], config["step"], config["steps"]) == ("tiny", "I-creation", 20, 20)
@@ -207,7 +213,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     line = fails(FAST + ["--steps", "6", "--save-every", "2", "--out", str(tmp_path)], capsys)
     assert "step 4" in line and "nan" in line and "step 2" in line
     assert step_of(tmp_path) == (2, 2, 2)
-    assert [p.name for p in tmp_path.iterdir()] == ["step-2"]  # no temporary file left
+    # no temporary file left; the metrics of steps 1 to 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "step-2"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -319,6 +326,47 @@ def test_init_starts_from_another_run_and_keeps_what_it_trained(tmp_path):
     assert not torch.equal(b["visual_projector.weight"], fresh)  # trained
 
 
+def test_the_curriculum_runs_each_stage_from_the_last_skips_what_is_done_and_resumes(tmp_path,
+                                                                                      capsys):
+    # python train.py: stages I-creation, I-comprehension, II, III, each its own run folder
+    root = tmp_path / "toy"
+    flags = ["--preset", "tiny", "--stage", "all", "--device", "cpu", "--batch-size", "2",
+             "--log-every", "1"]
+    names = [name for name, _ in train.CURRICULA["tiny"]]
+    train.main(flags + ["--out", str(root)])
+    runs = [checkpoint.read_run(root / name) for name in names]
+    assert [r["stage"] for r in runs] == names and all(r["step"] == 2 for r in runs)
+    assert [r["args"]["init"] for r in runs] == [None] + [str(root / n) for n in names[:-1]]
+    assert runs[-1]["groups"] == ["dream_queries", "condition_projector", "visual_projector", "llm"]
+    # II carries I-creation's queries through I-comprehension, which does not train them
+    assert torch.equal(state(root / "I-creation")["dream_queries"],
+                       state(root / "I-comprehension")["dream_queries"])
+    assert not torch.equal(state(root / "I-comprehension")["dream_queries"],
+                           state(root / "II")["dream_queries"])
+    assert checkpoint.read_final(root) == (root / "III", checkpoint.read_run(root / "III"))
+    for name in names:  # every logged step's losses, lr and speed
+        lines = (root / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    before = {n: checkpoint.read_run(root / n)["path"].stat().st_mtime_ns for n in names}
+    capsys.readouterr()
+    train.main(flags + ["--out", str(root)])  # all done: each stage skipped, nothing rewritten
+    assert capsys.readouterr().out.count("already trained") == 4
+    assert before == {n: checkpoint.read_run(root / n)["path"].stat().st_mtime_ns for n in names}
+    # an interrupted stage (II at step 1): the curriculum asks for --resume, then goes on
+    shutil.rmtree(root / "III")
+    shutil.rmtree(root / "II" / "step-2")
+    train.main(flags + ["--stage", "II", "--steps", "2", "--init", str(root / "I-comprehension"),
+                        "--stop-after", "1", "--out", str(root / "II-part")])
+    shutil.copytree(root / "II-part" / "step-1", root / "II" / "step-1")
+    assert checkpoint.read_final(root)[0] == root / "II"  # the last stage with a checkpoint
+    assert "--resume" in fails(flags + ["--out", str(root)], capsys)
+    train.main(flags + ["--out", str(root), "--resume"])
+    assert checkpoint.read_run(root / "III")["step"] == 2
+    assert "sets one stage" in fails(flags + ["--steps", "5", "--out", str(root)], capsys)
+    assert "no curriculum" in fails(["--preset", "dreamllm-7b", "--stage", "all", "--out",
+                                     str(tmp_path / "x")], capsys)
+
+
 def test_trains_on_a_manifest_of_documents(tmp_path):
     with open(tmp_path / "docs.jsonl", "w") as f:
         for i in range(3):
@@ -394,7 +442,7 @@ def test_a_crash_or_full_disk_at_any_point_of_a_save_resumes_bit_identically(tmp
             got = {name: state(out, name) for name in ("model", "train_state")}
             same = all(torch.equal(got[f][k], want[f][k]) for f in want for k in want[f])
             results.append((point, fault, first["step"], same))
-            assert [p.name for p in out.iterdir()] == ["step-3"], (point, fault)  # the debris cleared
+            assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "step-3"], (point, fault)
     assert all(same for *_, same in results), results
     print(f"\n{len(results)} faults injected ({per_save} file operations per save x crash/disk full): "
           "every run resumed bit-identically")
