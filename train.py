@@ -113,7 +113,7 @@ PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_wei
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
             "data", "mix", "init", "target", "min_snr_gamma", "cond_dropout", "dropout_null", "diffusion_weight",
-            "lm_weight", "whiten")
+            "lm_weight", "whiten", "n_queries")
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -299,7 +299,8 @@ def setup(args, stage, run, out, example, rank, world, device):
         raise Stop(f"--batch-size {args.batch_size} (the global batch) is under the {world} processes")
     if args.fsdp and "llm" not in stage["groups"]:
         raise Stop(f"--fsdp shards the LLM, which stage {args.stage} does not train (drop --fsdp)")
-    variants = {k: getattr(args, k) for k in ("target", "min_snr_gamma", "cond_dropout", "dropout_null")}
+    variants = {k: getattr(args, k) for k in ("target", "min_snr_gamma", "cond_dropout", "dropout_null",
+                                              "n_queries")}  # n_queries: structural, fixed here
     variants = recipe(args.preset)["dream"] | {k: v for k, v in variants.items() if v is not None}
     model = cli.build_model(args.preset, seed=args.seed, **variants).to(device)
     groups, inherited = list(stage["groups"]), []
@@ -498,8 +499,11 @@ def parse_args(argv=None):
                       "over raw <im_patch> (official) or over the queries after an empty prompt")
     loss.add_argument("--diffusion-weight", type=float, help="lambda on the diffusion loss")
     loss.add_argument("--lm-weight", type=float, help="weight of the LM cross-entropy")
+    loss.add_argument("--n-queries", type=int, help="K, the dream queries per image (structural: "
+                      "the DreamConfig's n_queries; default: the preset's, 8 for toy)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "stop_after"):
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "stop_after",
+                 "n_queries"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     checks = [("lr", lambda v: 0 < v <= 1, "a learning rate in (0, 1]"),

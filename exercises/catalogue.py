@@ -333,8 +333,9 @@ class Experiment:
 
 # Measured on 2026-11-29 on the project's 2-core CPU (one thread: OMP_NUM_THREADS=1, see
 # docs/instructor.md), the toy preset, seed 0, the working tree of that day (stage I-creation by the
-# diffusion loss alone, lr 2e-3, cosine to 0). sample.py --eval: 4 held-out prompts x 16 images,
-# DDIM 30 steps, so every accuracy is +-0.06; chance is 0.17 for colour, 0.33 for shape.
+# diffusion loss alone, lr 2e-3, cosine to 0). sample.py --eval (the benchmark; its first rows):
+# 4 held-out prompts x 16 images, DDIM 30 steps, so every accuracy is +-0.06; chance is 0.17 for
+# colour, 0.33 for shape.
 EXPERIMENTS = [
     Experiment(
         "target-v", "Train with --target v instead of the default epsilon: what changes, and why?",
@@ -342,7 +343,8 @@ EXPERIMENTS = [
          "python train.py --steps 600 --target v --out out/exercises/v",
          "python sample.py --ckpt out/exercises/eps --eval --out out/exercises/eps-eval",
          "python sample.py --ckpt out/exercises/v --eval --out out/exercises/v-eval"),
-        "70 s and 71 s of training, 13 s and 13 s of evaluation (2 threads, a quiet machine)",
+        "70 s and 71 s of training (2 threads, a quiet machine); the evaluation, the whole benchmark "
+        "(benchmark.py), 43 s to 64 s each",
         """Measured (the toy recipe, 600 steps, 16 images per prompt), held-out
 colour / shape / both right: epsilon 0.64 / 0.41 / 0.19, v 0.64 / 0.59 / 0.34. The printed
 losses are not comparable: they are errors in different spaces.
@@ -362,7 +364,8 @@ re-weights the timesteps on purpose.""",
         "queries learn in the same time?",
         ("python train.py --steps 600 --no-whiten --out out/exercises/nowhite",
          "python sample.py --ckpt out/exercises/nowhite --eval --out out/exercises/nowhite-eval"),
-        "72 s of training, 13 s of evaluation (and the default run of target-v to compare with)",
+        "72 s of training, about a minute of evaluation (and the default run of target-v to compare "
+        "with)",
         """Measured (600 steps), held-out colour / shape / both: whitened (the toy's default)
 0.64 / 0.41 / 0.19, not whitened 0.12 / 0.28 / 0.06, which is chance. Why (whitening.py): the
 frozen toy LLM's states at the query positions are nearly parallel, a shared direction of norm
@@ -378,7 +381,8 @@ LLM itself in stage II.""",
         ("python sample.py --ckpt out/exercises/eps --eval --guidance 1 --out out/exercises/g1",
          "python sample.py --ckpt out/exercises/eps --eval --guidance 2 --out out/exercises/g2",
          "python sample.py --ckpt out/exercises/eps --eval --guidance 4 --out out/exercises/g4"),
-        "9 s, 13 s and 12 s (guidance 1 runs the UNet once per step, not twice)",
+        "about a minute each: the benchmark (its colour / shape / both rows are these; guidance 1 runs "
+        "the UNet once per step, not twice)",
         """Measured (the 600-step run), held-out colour / shape / both: guidance 1 0.25 / 0.36 /
 0.06, guidance 2 0.64 / 0.41 / 0.19, guidance 4 0.91 / 0.48 / 0.44. Look at eval_grid.png: at 1
 the pictures are varied, often two shapes, in any colour; at 4 the colour is the prompt's almost

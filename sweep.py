@@ -1,0 +1,595 @@
+"""The researcher's bench: a study is a few variants of a train.py run, each trained from a few
+seeds, each run benchmarked (benchmark.py), and the variants tabulated with 95% intervals.
+
+    python sweep.py variants                   # the loss variants (STUDIES below), 3 seeds
+    python sweep.py queries --seeds 2 --dry-run           # the runs it would make; trains nothing
+    python sweep.py synergy --jobs 2 --out out/sweeps/synergy-2
+    python sweep.py --grid "--target epsilon,v --min-snr-gamma 5" --seeds 3
+    python sweep.py --grid "--stage II --init out/toy --lr 1e-4,3e-4" --out out/sweeps/lr
+    python sweep.py variants --set "--steps 100" --eval-sizes "--quick"      # a smaller try
+
+A grid is one line of train.py flags: each flag with comma-separated values is a dimension, the
+cross product of the dimensions x the seeds are the runs, a flag without a comma applies to all;
+a quoted value is one value ("--mix 'i2t,vqa'").
+
+Each run is a plain train.py run folder, <--out>/<variant>/seed-<s>/, trained by its own train.py
+process (one thread each, --jobs at once) and then benchmarked into <run>/eval/. Run the same
+command again to go on: a run at its final step is skipped, one begun is continued (--resume), an
+evaluation newer than its checkpoint (of the same sizes) is kept. Ctrl-C: every run saves and stops.
+Written to --out: results.json (every run's rows; per variant the mean over seeds and the pooled
+counts, each with a 95% interval), results.md (the table), results.html (the table, the loss curves
+per variant, each variant's held-out grid).
+"""
+import html
+import io
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr
+from dataclasses import asdict, dataclass, fields, replace
+from itertools import product
+from pathlib import Path
+
+from tqdm import tqdm
+
+import benchmark
+import checkpoint
+import cli
+import report
+import train
+from cli import Stop
+
+HERE = Path(__file__).resolve().parent
+CREATION = ["create: held-out shape, both", "create: two shapes bound and placed",
+            "create: number of shapes"]
+BOTH = ["create: held-out shape, both", "create: two shapes bound and placed", "VQA: all",
+        "caption: all shapes named, all true", "document: the picture asked for"]
+# the creation studies benchmark creation at the benchmark's own sizes (64 + 64 images) and the
+# rest at one item each: about 45 s a run on one thread, not 60+
+CREATION_EVAL = "--questions 1 --captions 1 --documents 1"
+
+# A study: its runs as data. "runs": (variant, train.py flags), each trained from every seed;
+# "base": runs made first, per seed, that a variant starts from by naming it, e.g. --init {start}
+# (each base sees the bases before it); "rows": the benchmark's rows its table shows; "eval": its
+# benchmark.py flags. Each is sized for 3 seeds in about 45 min on 2 cores (the toy trains stage
+# I-creation at ~9 steps/s on 2 threads, README; on one thread, two runs at once, ~5).
+STUDIES = {
+    # The paper trains the dream queries and projector by the plain epsilon MSE of SD, with no
+    # condition dropout (DreamLLM's official configs). These are the loss's variants as dreamllm.py
+    # has them, each one flag: the target's space (v: Salimans & Ho 2022), min-SNR-gamma weighting
+    # (Hang et al. 2023: faster convergence at gamma 5), and dropping the toy recipe's 10%
+    # condition dropout (what guidance needs; README's recipe table: 0.47 / 0.88 without).
+    "variants": dict(
+        question="Which diffusion loss trains stage I-creation best?",
+        common="--preset toy --stage I-creation --steps 600",
+        runs=[("epsilon", "--target epsilon"), ("v", "--target v"),
+              ("min-snr-5", "--min-snr-gamma 5"), ("no-cond-dropout", "--cond-dropout 0")],
+        rows=CREATION, eval=CREATION_EVAL),
+    # The number of dream queries K: the paper's ablation (Table 6) gave zero-shot COCO FID
+    # 9.56 / 8.46 / 14.24 for K = 32 / 64 / 128: more is not better, 64 was chosen. The toy's
+    # preset has K = 8 for 64 px images; here 2 to 32.
+    "queries": dict(
+        question="How many dream queries does the toy need?",
+        common="--preset toy --stage I-creation --steps 600",
+        runs=[(f"K-{k}", f"--n-queries {k}") for k in (2, 4, 8, 16, 32)],
+        rows=CREATION, eval=CREATION_EVAL),
+    # The synergy (sec. 5.1, Table 4 and Fig. 5): DreamLLM trained on creation and comprehension
+    # together does better at both than either alone: creation helps comprehension (VQA, captions)
+    # and comprehension helps creation (FID). Here from one start per seed (stage I, both halves),
+    # stage II on pairs written alone (t2i), on pairs read and questions alone (i2t, vqa), or on
+    # the stage's own mix (documents, t2i, i2t), the joint arm, which has documents besides.
+    "synergy": dict(
+        question="Does creation help comprehension, and comprehension creation?",
+        common="--preset toy",
+        base=[("start-creation", "--stage I-creation --steps 600"),
+              ("start", "--stage I-comprehension --steps 300 --init {start-creation}")],
+        runs=[("creation-only", "--stage II --steps 300 --mix t2i --init {start}"),
+              ("comprehension-only", "--stage II --steps 300 --mix i2t,vqa --init {start}"),
+              ("joint", "--stage II --steps 300 --init {start}")],
+        rows=BOTH, eval=""),
+}
+# planned but not buildable: the alignment objective is not in dreamllm.py
+NOT_YET = {"objective": "the alignment objective does not exist in dreamllm.py yet; there is "
+                        "nothing to sweep"}
+GRID_ROWS = BOTH  # a grid's table, unless --rows
+# what a sweep gives each run itself, or would not finish with ("--stage all": see check())
+SWEPT = ("--out", "--seed", "--resume", "--stop-after")
+
+
+# ------------------------------------------------------------------------------ flags and grids
+
+def split_outside_quotes(text, sep=None):
+    # "a 'b c' d" -> ["a", "'b c'", "d"] (sep None: whitespace); quotes are kept, to be read later
+    parts, part, quote = [], "", None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == sep or (sep is None and ch.isspace()):
+            parts.append(part)
+            part = ""
+            continue
+        part += ch
+    if quote:
+        raise ValueError(f"{text!r}: a quote is not closed")
+    return [p for p in parts + [part] if p or sep is not None]
+
+
+def unquote(text):  # "'i2t,vqa'" -> "i2t,vqa"; out/"my run" -> out/my run
+    return "".join(shlex.split(text))
+
+
+def parse_flags(text, grid=False):
+    # "--lr 1e-4,3e-4 --whiten --mix 'a,b'" -> [("--lr", values), ("--whiten", [None]), ...], each
+    # flag at most once. values: the value as one (grid False), or split at commas outside quotes
+    # (grid True): [1e-4, 3e-4] and ["a,b"]
+    flags = []
+    for token in split_outside_quotes(text):
+        name, eq, value = token.partition("=") if token.startswith("--") else ("", "", token)
+        if name:
+            if name in {f for f, _ in flags}:
+                raise ValueError(f"{name} is given twice")
+            flags.append((name, [None]))
+            if not eq:
+                continue
+        if not flags:
+            raise ValueError(f"{token!r}: a value before any --flag")
+        if flags[-1][1] != [None]:
+            raise ValueError(f"{flags[-1][0]}: a second value {token!r} (alternatives are "
+                             "comma-separated: --lr 1e-4,3e-4)")
+        values = [unquote(v) for v in (split_outside_quotes(value, ",") if grid else [value])]
+        if "" in values:
+            raise ValueError(f"{flags[-1][0]} {value}: an empty value")
+        flags[-1] = (flags[-1][0], values)
+    return flags
+
+
+def argv_of(flags):  # [("--lr", "1e-4"), ("--whiten", None)] -> ["--lr", "1e-4", "--whiten"]
+    return [t for name, value in flags for t in ([name] if value is None else [name, value])]
+
+
+def merge(*lists):  # lists of (flag, value): a later one's flag replaces an earlier one's
+    out = {}
+    for flags in lists:
+        out.update(flags)
+    return list(out.items())
+
+
+def grid_variants(text):
+    # a grid line -> [(variant name, [(flag, value)])]: the cross product of its dimensions
+    flags = parse_flags(text, grid=True)
+    if not flags:
+        raise ValueError("--grid: no flags (e.g. --grid \"--target epsilon,v\")")
+    dims = [(f, vs) for f, vs in flags if len(vs) > 1]
+    variants = []
+    for choice in product(*[vs for _, vs in dims]):
+        picked = dict(zip([f for f, _ in dims], choice))
+        name = "_".join(f"{f.lstrip('-')}={v}" for f, v in picked.items()) or "run"
+        name = re.sub(r"[^\w.=+-]+", "-", name)  # a folder's name
+        variants.append((name, [(f, picked.get(f, vs[0])) for f, vs in flags]))
+    if len({n for n, _ in variants}) < len(variants):
+        raise ValueError("--grid: two variants would share a folder name; give values that "
+                         "differ in letters or digits")
+    return variants
+
+
+# ----------------------------------------------------------------------------------- the plan
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    argv: list         # train.py's arguments, --seed and --out included
+    folder: Path
+    steps: int         # its final step, as train.py reads its arguments
+    needs: list        # the folders of the runs it starts from (--init of a base)
+    evaluate: bool     # bases are not benchmarked
+    level: int = 0     # 0: needs nothing; else 1 + its needs' level
+
+
+def check(argv, what):
+    # train.py's own parser on a run's arguments: a bad value fails here, before anything trains
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err):
+            args = train.parse_args(argv)
+    except SystemExit:
+        said = err.getvalue().strip().splitlines()[-1:] or ["refused"]
+        said = said[0].split(": error: ", 1)[-1].removesuffix(" (see -h)")
+        raise ValueError(f"{what}: train.py says: {said}") from None
+    if args.stage == "all":
+        raise ValueError(f"{what}: --stage all is a curriculum of runs; a sweep's run is one "
+                         "stage (start one from another with --init)")
+    return args
+
+
+def plan(study, grid, seeds, out, extra=""):
+    # -> the runs, in the order they are made: the bases (each across the seeds), then the variants
+    if grid is not None:
+        common, base, variants = [], [], grid_variants(grid)
+    else:
+        s = STUDIES[study]
+        common = [(f, vs[0]) for f, vs in parse_flags(s["common"])]
+        base = [(n, [(f, vs[0]) for f, vs in parse_flags(a)]) for n, a in s.get("base", [])]
+        variants = [(n, [(f, vs[0]) for f, vs in parse_flags(a)]) for n, a in s["runs"]]
+    overrides = [(f, vs[0]) for f, vs in parse_flags(extra)]
+    for name, flags in [("--set", overrides), *base, *variants]:
+        if given := [f for f, _ in flags if f in SWEPT]:
+            raise ValueError(f"{name}: {given[0]} is not for a sweep's run (the sweep gives "
+                             "--out, --seed, --resume itself; a run goes to its end)")
+    runs, level = [], {}
+    for i, (name, flags) in enumerate(base + variants):
+        named = {b for v in dict(flags).values() if v for b in re.findall(r"\{([\w-]+)\}", v)}
+        if unknown := named - {b for b, _ in base[:i]}:
+            raise ValueError(f"{name}: {{{sorted(unknown)[0]}}} names no base run before it")
+        for seed in range(seeds):
+            folder = Path(out) / name / f"seed-{seed}"
+            needs = [Path(out) / b / f"seed-{seed}" for b in sorted(named)]
+            filled = [(f, v if v is None else re.sub(
+                r"\{([\w-]+)\}", lambda m: str(Path(out) / m[1] / f"seed-{seed}"), v))
+                for f, v in flags]
+            argv = argv_of(merge(common, filled, overrides,
+                                 [("--seed", str(seed)), ("--out", str(folder))]))
+            args = check(argv, f"{name} (seed {seed})")
+            level[folder] = 1 + max((level[n] for n in needs), default=-1)
+            runs.append(Run(name, seed, argv, folder, args.steps, needs, i >= len(base),
+                            level[folder]))
+    return runs
+
+
+def state(run):
+    # -> ("new" | "resume" | "done", the checkpoint's step or 0); a CheckpointError goes up
+    found = checkpoint.read_run(run.folder)
+    if found is None:
+        return "new", 0
+    return ("done" if found["step"] >= run.steps else "resume"), found["step"]
+
+
+def dry_run(runs):
+    # one line per run: its train.py command as a shell would take it, and what a sweep would do
+    for run in runs:
+        what, step = state(run)
+        note = {"new": "", "resume": f"  # resume from step {step}",
+                "done": f"  # done ({step} steps), skipped"}[what]
+        print(f"python train.py {shlex.join(run.argv)}{note}")
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+def eval_request(text):
+    # --eval-sizes: benchmark.py's flags -> (its argv, the sizes and sampling it will record), read
+    # as benchmark.py reads them, so a kept eval.json can be checked to be of the same sizes
+    p = cli.Parser(prog="sweep.py --eval-sizes", add_help=False)
+    p.add_argument("--quick", action="store_true")
+    for f in fields(benchmark.Sizes):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=int)
+    p.add_argument("--steps", type=int, default=benchmark.SAMPLING["steps"])
+    p.add_argument("--guidance", type=float, default=benchmark.SAMPLING["guidance"])
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=benchmark.SAMPLING["sampler"])
+    p.add_argument("--device")
+    argv = argv_of([(f, vs[0]) for f, vs in parse_flags(text)])
+    a = p.parse_args(argv)
+    given = {f.name: getattr(a, f.name) for f in fields(benchmark.Sizes)
+             if getattr(a, f.name) is not None}
+    if bad := [k for k, v in dict(given, steps=a.steps).items() if v < 1]:
+        p.error(f"--{bad[0].replace('_', '-')} must be at least 1")
+    sizes = replace(benchmark.QUICK if a.quick else benchmark.Sizes(), **given)
+    sampling = dict(benchmark.SAMPLING, steps=a.steps, guidance=a.guidance, sampler=a.sampler)
+    return argv, dict(sizes=asdict(sizes), sampling=sampling)
+
+
+def eval_is_fresh(run, request):
+    # eval.json newer than the checkpoint, and of the sizes and sampling asked for
+    found, path = checkpoint.read_run(run.folder), run.folder / "eval" / "eval.json"
+    if found is None or not path.is_file():
+        return False
+    if path.stat().st_mtime < (found["path"] / "config.json").stat().st_mtime:
+        return False
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return all(done.get(k) == v for k, v in request.items())
+
+
+# ------------------------------------------------------------------------------------ running
+
+def launch(script, argv, log):
+    # one script as its own process on one thread (the runs share the cores), its output to log;
+    # -> (exit status, the log's last line: train.py's and benchmark.py's errors are one line)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"\n$ python {script} {shlex.join(argv)}\n")
+        f.flush()
+        rc = subprocess.run([sys.executable, str(HERE / script), *argv], stdout=f,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
+    lines = [ln for ln in Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+             if ln.strip()]
+    return rc, (lines[-1] if lines else "")
+
+
+def do(run, eval_argv, request, failed, stopping):
+    # one run: trained (skipped, continued or begun), then benchmarked -> a line saying what it did
+    if bad := [str(n) for n in run.needs if n in failed]:
+        failed[run.folder] = f"its base {bad[0]} failed"
+        return f"{run.folder}: not made ({failed[run.folder]})"
+    if stopping.is_set():
+        return f"{run.folder}: not begun (stopping)"
+    said, t0 = [], time.time()
+    what, step = state(run)
+    if what == "done":
+        said.append("trained (skipped)")
+    else:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        rc, last = launch("train.py", run.argv + (["--resume"] if what == "resume" else []),
+                          run.folder / "train.log")
+        if rc != 0:
+            failed[run.folder] = f"train.py exited {rc}: {last}"
+            return f"{run.folder}: FAILED ({failed[run.folder]}; see train.log)"
+        said.append(f"trained steps {step}..{run.steps} in {time.time() - t0:.0f} s")
+    if run.evaluate and eval_is_fresh(run, request):
+        said.append("evaluated (kept)")
+    elif run.evaluate and not stopping.is_set():
+        t0 = time.time()
+        argv = ["--ckpt", str(run.folder), "--out", str(run.folder / "eval"), "--seed",
+                str(run.seed), *eval_argv]
+        rc, last = launch("benchmark.py", argv, run.folder / "eval.log")
+        if rc != 0:
+            failed[run.folder] = f"benchmark.py exited {rc}: {last}"
+            return f"{run.folder}: FAILED ({failed[run.folder]}; see eval.log)"
+        said.append(f"evaluated in {time.time() - t0:.0f} s")
+    return f"{run.folder}: {', '.join(said)}"
+
+
+def sweep(runs, jobs, eval_argv, request):
+    # the runs level by level (a base before what starts from it), `jobs` processes at once
+    failed, stopping = {}, threading.Event()
+    bar = tqdm(total=len(runs), desc="runs", unit="run", dynamic_ncols=True, disable=None)
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for level in sorted({r.level for r in runs}):
+            batch = [r for r in runs if r.level == level]
+            for line in pool.map(lambda r: do(r, eval_argv, request, failed, stopping), batch):
+                tqdm.write(line)
+                bar.update()
+    except KeyboardInterrupt:  # the runs got the Ctrl-C too: each saves and stops
+        stopping.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return failed
+
+
+# ---------------------------------------------------------------------------------- statistics
+
+# t's 0.975 quantile for df = 1..10 (any table of Student's t): a 95% interval over n seeds uses
+# df = n - 1, and with 2 or 3 seeds it is far wider than the normal's +-1.96
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228}
+
+
+def t975(df):
+    # past the table, the Cornish-Fisher expansion of t about the normal's z = 1.96 (Abramowitz &
+    # Stegun ch. 26), three terms: 2.2280 at df 10 (the table's 2.228), closer from there on
+    if df in T975:
+        return T975[df]
+    z = 1.959964
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def t_interval(values):
+    # the seeds' values (one per run) -> (mean, low, high), clipped to [0, 1] (a proportion);
+    # one value: no spread to measure, no interval
+    if not values:
+        return None, None, None
+    n, mean = len(values), sum(values) / len(values)
+    if n == 1:
+        return mean, None, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def summarise(rows_by_seed):
+    # [[row of seed 0, ...], ...] (benchmark.py's rows) -> per row name, two answers to "how
+    # good is the variant": seeds: the mean of the seeds' proportions with a t interval: the
+    # spread of what training from another seed gives, the question a sweep asks (but with 3
+    # seeds, wide); pooled: the successes and N summed over the seeds with a Wilson interval:
+    # the benchmark's sampling noise alone, narrow, as if the seeds' items were one big test (it
+    # ignores how the seeds' models differ). Seeds' intervals well apart: a difference; pooled
+    # ones apart but seeds' overlapping: more seeds needed.
+    names = list(dict.fromkeys(r["name"] for rows in rows_by_seed for r in rows))
+    out = []
+    for name in names:
+        found = [r for rows in rows_by_seed for r in rows if r["name"] == name]
+        values = [r["value"] for r in found if r["n"] and r["value"] is not None]
+        mean, low, high = t_interval(values)
+        k = sum(round(r["value"] * r["n"]) for r in found if r["n"] and r["value"] is not None)
+        n = sum(r["n"] for r in found if r["value"] is not None)
+        p_low, p_high = benchmark.wilson(k, n)
+        out.append(dict(name=name, seeds=dict(n=len(values), mean=mean, low=low, high=high),
+                        pooled=dict(k=k, n=n, value=k / n if n else None, low=p_low,
+                                    high=p_high)))
+    return out
+
+
+# ------------------------------------------------------------------------------------ results
+
+def collect(runs, title, question, rows, request=None):
+    # the evaluated runs' eval.json -> results (what results.json holds); rows: the table's
+    # columns, each the benchmark rows whose names start so, in the order given; request: count
+    # only evaluations of these sizes, newer than their checkpoint (eval_is_fresh)
+    per_run, variants = [], {}
+    for run in runs:
+        if not run.evaluate:
+            continue
+        path = run.folder / "eval" / "eval.json"
+        fresh = path.is_file() and (request is None or eval_is_fresh(run, request))
+        got = json.loads(path.read_text(encoding="utf-8"))["rows"] if fresh else None
+        per_run.append(dict(variant=run.variant, seed=run.seed, folder=str(run.folder),
+                            args=run.argv, rows=got))
+        variants.setdefault(run.variant, [])
+    for name in variants:
+        mine = [r for r in per_run if r["variant"] == name]
+        done = [r for r in mine if r["rows"] is not None]
+        variants[name] = dict(name=name, seeds=[r["seed"] for r in done], of=len(mine),
+                              rows=summarise([r["rows"] for r in done]))
+    found = list(dict.fromkeys(r["name"] for run in per_run for r in run["rows"] or []))
+    columns = list(dict.fromkeys(n for x in rows for n in found if n.startswith(x)))
+    return dict(title=title, question=question, table_rows=columns if found else list(rows),
+                runs=per_run, variants=list(variants.values()))
+
+
+def cell(stats, pooled):  # "0.53 [0.41, 0.65]"; "-" for nothing measured
+    value = stats["value"] if pooled else stats["mean"]
+    if value is None:
+        return "-"
+    interval = "[-]" if stats["low"] is None else f"[{stats['low']:.2f}, {stats['high']:.2f}]"
+    return f"{value:.2f} {interval}" + (f" n={stats['n']}" if pooled else "")
+
+
+def table(results, pooled=False):
+    # -> [header, then one row per variant]: cells for results["table_rows"]
+    head = ["variant", "seeds", *results["table_rows"]]
+    body = []
+    for v in results["variants"]:
+        by_name = {r["name"]: r["pooled" if pooled else "seeds"] for r in v["rows"]}
+        seeds = f"{len(v['seeds'])}" + ("" if len(v["seeds"]) == v["of"] else f" of {v['of']}")
+        body.append([v["name"], seeds, *(cell(by_name[n], pooled) if n in by_name else "-"
+                                         for n in results["table_rows"])])
+    return [head, *body]
+
+
+SEEDS_SAYS = "mean over seeds [95% t interval: what another seed would give]"
+POOLED_SAYS = "pooled over seeds [95% Wilson interval of the summed counts: the items' noise only]"
+
+
+def markdown(results):
+    lines = [f"# {results['title']}", "", results["question"], ""]
+    for says, pooled in ((SEEDS_SAYS, False), (POOLED_SAYS, True)):
+        head, *rows = table(results, pooled)
+        line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        lines += [f"{says}:", "", line(head), "|" + "---|" * len(head), *map(line, rows), ""]
+    return "\n".join(lines)
+
+
+def page(results, runs, out):
+    # results.html in `out`: the tables, the loss curves per variant, the held-out grids; every
+    # path relative to `out`
+    e = html.escape
+    body = [f"<h1>{e(results['title'])}</h1><p>{e(results['question'])}</p>"]
+    for says, pooled in ((SEEDS_SAYS, False), (POOLED_SAYS, True)):
+        head, *rows = table(results, pooled)
+        body.append(f"<p>{e(says)}</p><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in head)
+                    + "</tr>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                                        for r in rows) + "</table>")
+    names = list(dict.fromkeys(r.variant for r in runs))  # bases first, then the variants
+    body.append("<h2>Training: the losses, a line per seed</h2>")
+    for name in names:
+        metrics = {r.seed: report.read_metrics(r.folder) for r in runs if r.variant == name}
+        for loss in ("diffusion", "lm"):
+            series = {f"seed {s}": [(step, m[loss]) for step, m in ms.items()]
+                      for s, ms in metrics.items()}
+            if any(y > 0 for pts in series.values() for _, y in pts):
+                body.append(report.svg_curves(series, f"{name}: {loss} loss"))
+    evaluated = [n for n in names if any(r.evaluate for r in runs if r.variant == n)]
+    body.append("<h2>Held-out single shapes (eval_grid.png), a row per seed</h2>"
+                "<table style=\"table-layout: fixed; width: 100%\"><tr>" +
+                "".join(f"<th>{e(n)}</th>" for n in evaluated) + "</tr>")
+    for seed in sorted({r.seed for r in runs}):
+        grids = [r.folder / "eval" / "eval_grid.png" for name in evaluated for r in runs
+                 if r.variant == name and r.seed == seed]  # one per variant
+        body.append("<tr>" + "".join(
+            f'<td><img src="{e(Path(os.path.relpath(g, out)).as_posix())}" style="width: 100%">'
+            "</td>" if g.is_file() else "<td>-</td>" for g in grids) + "</tr>")
+    body.append("</table>")
+    style = ("body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left;"
+             "vertical-align:top}img{image-rendering:pixelated}")
+    return ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>'
+            f"{e(results['title'])}</title><style>{style}</style></head>\n<body>\n" +
+            "\n".join(body) + "\n</body></html>\n")
+
+
+def write_results(runs, out, title, question, rows, request=None):
+    results = collect(runs, title, question, rows, request)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown(results), encoding="utf-8")
+    (out / "results.html").write_text(page(results, runs, out), encoding="utf-8")
+    return results
+
+
+# --------------------------------------------------------------------------------------- main
+
+def refuse(message):
+    raise Stop(message)
+
+
+def main(argv=None):
+    p = cli.Parser(prog="sweep.py", description="Train a study's variants x seeds with "
+                   "train.py, benchmark each run, tabulate the variants with 95% intervals.",
+                   formatter_class=cli.Help)
+    p.add_argument("study", nargs="?", choices=[*STUDIES, *NOT_YET],
+                   help="a study (STUDIES in sweep.py); or --grid")
+    p.add_argument("--grid", help='train.py flags, comma-separated values a dimension, e.g. '
+                   '"--target epsilon,v --min-snr-gamma 5"')
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every variant")
+    p.add_argument("--out", help="the sweep's folder (default: out/sweeps/<study or 'grid'>)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="train.py / benchmark.py processes at once, one thread each")
+    p.add_argument("--set", metavar="FLAGS", help="train.py flags for every run, "
+                   "over the study's, e.g. \"--steps 100 --device cpu\"")
+    p.add_argument("--eval-sizes", metavar="FLAGS", help="benchmark.py's flags, e.g. "
+                   "\"--quick --steps 10\" (default: the study's; a grid: the benchmark's own)")
+    p.add_argument("--rows", nargs="+", metavar="PREFIX", help="the benchmark rows to tabulate, "
+                   "by the start of their names, e.g. VQA 'create: two' (default: the study's)")
+    p.add_argument("--dry-run", action="store_true", help="print each run's train.py command, "
+                   "bases first, and exit; trains nothing")
+    args = p.parse_args(argv)
+    if (args.study is None) == (args.grid is None):
+        p.error("give a study (" + ", ".join(STUDIES) + ") or --grid, one of the two")
+    if args.study in NOT_YET:  # exit status 1: the study is known, but cannot be made yet
+        cli.main(lambda: refuse(f"{args.study}: {NOT_YET[args.study]}"), "sweep.py")
+    for name in ("seeds", "jobs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    name = args.study or "grid"
+    out = Path(args.out or f"out/sweeps/{name}")
+    study = STUDIES.get(args.study, {})
+    try:
+        runs = plan(args.study, args.grid, args.seeds, out, args.set or "")
+        eval_argv, request = eval_request(args.eval_sizes if args.eval_sizes is not None
+                                          else study.get("eval", ""))
+    except ValueError as e:
+        p.error(str(e))
+    rows = args.rows or study.get("rows", GRID_ROWS)
+    if args.dry_run:
+        return cli.main(lambda: dry_run(runs), "sweep.py")
+    title = (f"sweep {name}" + (f": {args.grid}" if args.grid else "") +
+             f", {args.seeds} seed{'s' if args.seeds > 1 else ''}")
+    question = study.get("question", "A grid of train.py runs.")
+
+    def go():
+        failed = sweep(runs, args.jobs, eval_argv, request)
+        results = write_results(runs, out, title, question, rows, request)
+        print(f"\n{markdown(results)}\nwrote {out / 'results.md'}, results.json, results.html")
+        if failed:
+            folder, why = next(iter(failed.items()))
+            raise Stop(f"{len(failed)} of {len(runs)} runs failed, e.g. {folder}: {why}; run "
+                       "again to retry them")
+    cli.main(go, "sweep.py")
+
+
+if __name__ == "__main__":
+    main()
