@@ -58,13 +58,20 @@ def svg_curves(series, title, width=420, height=220):
                f'<text x="{width - right}" y="{height - 8}" text-anchor="end">{x1}</text>')
     for i, (name, pts) in enumerate(series.items()):
         pts = [(x, y) for x, y in pts if y > 0 and math.isfinite(y)]
-        if pts:
-            colour = COLOURS.get(name, "#555")
-            out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" '
-                       f'points="{" ".join(px(x, y) for x, y in pts)}"/>')
-            out.append(f'<text x="{width - right - 90}" y="{top + 12 + 13 * i}" fill="{colour}">'
-                       f'{html.escape(name)} {pts[-1][1]:.4f}</text>')
+        if pts:  # a logged step is one batch's loss: faint, under its running mean over ~5%
+            colour, mean = COLOURS.get(name, "#555"), smooth(pts, max(1, len(pts) // 20))
+            for line, style in ((pts, 'stroke-opacity="0.25"'), (mean, 'stroke-width="1.5"')):
+                out.append(f'<polyline fill="none" stroke="{colour}" {style} '
+                           f'points="{" ".join(px(x, y) for x, y in line)}"/>')
+            out.append(f'<text x="{width - right - 110}" y="{top + 12 + 13 * i}" '
+                       f'fill="{colour}">{html.escape(name)} {mean[-1][1]:.4f} (mean)</text>')
     return "\n".join(out + ["</svg>"])
+
+
+def smooth(points, k):  # [(x, y)] -> the mean of each point's last k values (fewer at the start)
+    ys = [y for _, y in points]
+    return [(x, sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)))
+            for i, (x, _) in enumerate(points)]
 
 
 def stage_folders(run):
