@@ -2,7 +2,7 @@
 groups train, the weights of the two losses, the learning rate and the mix of training examples.
 
     python train.py                                              # the default run, into out/<preset>
-    python train.py --stage all               # the curriculum: I-creation, I-comprehension, II, III
+    python train.py --stage all     # the curriculum, I-creation to III, into out/toy-curriculum/
     python train.py --preset tiny --steps 20 --device cpu --out out/try
     python train.py --stage I-comprehension --init out/tiny --out out/tiny-comprehension
     torchrun --nproc_per_node 2 train.py --device cpu --batch-size 8     # 2 processes, 4 documents each
@@ -100,8 +100,9 @@ def stage_of(args):  # the stage as the preset's recipe has it: STAGES with its 
     return STAGES[args.stage] | recipe(args.preset)["stages"].get(args.stage, {})
 
 
-# The curriculum `python train.py` runs (--stage all): the stages in the paper's order, each starting
-# from what the last trained (--init), each a run folder of its own under --out, e.g. out/toy/II/.
+# The curriculum `python train.py --stage all` runs: the stages in the paper's order, each starting
+# from what the last trained (--init), each a run folder of its own under --out (default
+# out/<preset>-curriculum/, e.g. out/toy-curriculum/II/).
 # A stage already done is skipped; one interrupted is continued with --resume.
 CURRICULA = {
     "toy": [("I-creation", 3000), ("I-comprehension", 300), ("II", 600), ("III", 400)],
@@ -126,9 +127,12 @@ def curriculum(args):
     if given := [k for k in PER_STAGE if getattr(args, k) is not None]:
         raise Stop(f"--{given[0].replace('_', '-')} sets one stage: give it with --stage (the "
                    "curriculum takes each stage's from CURRICULA and the recipe)")
-    root, init = Path(args.out or f"out/{args.preset}"), None
+    root, init = Path(args.out or f"out/{args.preset}-curriculum"), None
     if root.exists() and not root.is_dir():
         raise Stop(f"--out {root} is a file, not a folder; pick another --out")
+    if (run := checkpoint.read_run(root)) is not None:  # its stages go in folders of their own
+        raise Stop(f"--out {root} holds a run of stage {run['stage']}, not a curriculum; pick "
+                   "another --out")
     stages = [name for name, _ in CURRICULA[args.preset]]
     root.mkdir(parents=True, exist_ok=True)  # what sample.py reads to find the final stage
     (root / "curriculum.json").write_text(json.dumps(dict(preset=args.preset, stages=stages)) + "\n")
@@ -476,7 +480,8 @@ def parse_args(argv=None):
                    help="train the condition projector in whitened coordinates, a trick of ours "
                    "(whitening.py; stages with the LLM frozen; default: the preset's recipe, on for toy)")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu (fp32)")
-    p.add_argument("--out", help="the run's folder (default: out/<preset>)")
+    p.add_argument("--out", help="the run's folder (default: out/<preset>; --stage all: "
+                   "out/<preset>-curriculum, a folder per stage)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init", help="start from the trained state of another run's folder (e.g. stage I's)")
     p.add_argument("--seed", type=int, default=0, help="the initialisation, the data order and the noise")
