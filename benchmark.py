@@ -37,6 +37,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import pages
 
 # The toy's sampling, measured best for the toy SD: guidance 2 (weights/train_toy.py); DDIM's 30
 # steps draw as its 50 do. sample.py's defaults for the toy too.
@@ -295,40 +296,30 @@ def grid(rows, scale=2, pad=6, label_h=14, line_h=11):
 
 
 def page(report):
-    # eval.html: the table, the grids, the answers, captions and documents; every text escaped
-    e = html.escape
-    cells = "".join(f"<tr><td>{e(r['name'])}</td><td>{r['n']}</td><td>{value(r)}</td>"
-                    f"<td>[{r['low']:.2f}, {r['high']:.2f}]</td></tr>" for r in report["rows"])
+    # eval.html: the table, the grids, the answers, captions and documents
     d = report["details"]
-    body = [f"<h1>DreamLLM on the shapes world</h1><p>{e(report['about'])}</p>",
-            "<table><tr><th></th><th>n</th><th>value</th><th>95% interval</th></tr>"
-            f"{cells}</table>",
-            "<h2>Creation: held-out shapes</h2><img src=\"eval_grid.png\">",
-            "<h2>Creation: two shapes</h2><img src=\"eval_two_shapes.png\">",
-            "<h2>VQA</h2><table><tr><th>question</th><th>answer</th><th>reply</th></tr>" +
-            "".join(f"<tr class=\"{'ok' if q['right'] else 'no'}\"><td>{e(q['question'])}</td>"
-                    f"<td>{e(q['answer'])}</td><td>{e(q['reply'])}</td></tr>" for q in d["vqa"]) +
-            "</table>",
-            "<h2>Captions</h2><table><tr><th>the picture</th><th>the model's caption</th></tr>" +
-            "".join(f"<tr class=\"{'ok' if c['right'] else 'no'}\"><td>{e(c['truth'])}</td>"
-                    f"<td>{e(c['caption'])}</td></tr>" for c in d["captions"]) + "</table>",
+    body = [f"<h1>DreamLLM on the shapes world</h1><p>{html.escape(report['about'])}</p>",
+            pages.rows_table(report["rows"]),
+            '<h2>Creation: held-out shapes</h2><img src="eval_grid.png">',
+            '<h2>Creation: two shapes</h2><img src="eval_two_shapes.png">',
+            "<h2>VQA</h2>" + pages.table(["question", "answer", "reply"],
+                                          [[q["question"], q["answer"], q["reply"]] for q in d["vqa"]],
+                                          marks=[mark(q) for q in d["vqa"]]),
+            "<h2>Captions</h2>" + pages.table(["the picture", "the model's caption"],
+                                               [[c["truth"], c["caption"]] for c in d["captions"]],
+                                               marks=[mark(c) for c in d["captions"]]),
             "<h2>Documents</h2>"]
     for doc in d["documents"]:
-        parts = [f"<b>{e(doc['opening'])}</b>"]
-        for s in doc["segments"]:
-            parts.append(e(s["text"]) if "text" in s else
-                         f'<br><img src="{e(s["image"])}" width="128"> <small>seen: '
-                         f'{e(", ".join(s["seen"]) or "nothing")}</small><br>')
         verdict = ", ".join(f"{' '.join(c['claim'].values())}: {'true' if c['true'] else 'false'}"
                             for c in doc["statements"]) or "no statement about a picture"
         end = "ended" if doc["ended"] else "ran out of tokens"
-        parts.append(f"<br><small>{e(verdict)}; {end}</small>")
-        body.append(f"<p class=\"doc\">{''.join(parts)}</p>")
-    style = ("body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}"
-             "img{image-rendering:pixelated}.ok{background:#e6f4e6}.no{background:#f8e6e6}"
-             ".doc{max-width:40em;border-top:1px solid #ccc;padding-top:.5em}")
-    return ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>DreamLLM benchmark</title>'
-            f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+        body += [f"<p><b>{html.escape(doc['opening'])}</b></p>", pages.document(doc["segments"]),
+                 f"<p><small>{html.escape(verdict)}; {end}</small></p>"]
+    return pages.page("DreamLLM benchmark", body)
+
+
+def mark(item):  # a judged item's row class in eval.html
+    return "ok" if item["right"] else "no"
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import cli
+import pages
 from cli import Stop
 
 COLOURS = {"lm": "#1f77b4", "diffusion": "#d62728"}  # one colour per loss, in every chart
@@ -97,29 +98,6 @@ def curves_html(run):
     return "\n".join(charts) or "<p>no metrics.jsonl found</p>"
 
 
-def table_html(report):
-    rows = ["<tr><th>row</th><th>N</th><th>value</th><th>95% interval</th></tr>"]
-    for r in report.get("rows", []):
-        value, interval = ("-", "-") if r["n"] == 0 else \
-            (f"{r['value']:.2f}", f"{r['low']:.2f} to {r['high']:.2f}")  # N = 0: nothing to judge
-        rows.append(f"<tr><td>{html.escape(str(r['name']))}</td><td>{r['n']}</td>"
-                    f"<td>{value}</td><td>{interval}</td></tr>")
-    return '<table border="1" cellpadding="4" style="border-collapse: collapse">' + \
-        "".join(rows) + "</table>"
-
-
-def document_html(document):
-    # {"segments": [{"text": ...}, {"image": "document_1.png"}]} -> HTML, image paths as given
-    parts = []
-    for segment in document.get("segments", []):
-        if "text" in segment:
-            parts.append(html.escape(segment["text"]))
-        elif "image" in segment:
-            parts.append(f'<br><img src="{html.escape(segment["image"])}" width="128" '
-                         'style="image-rendering: pixelated"><br>')
-    return "<p>" + "".join(parts) + "</p>"
-
-
 def write(run, evaluation, out):
     # run: a curriculum's (or a run's) folder; evaluation: the benchmark's folder (eval.json, its
     # PNGs, documents); out: the report's path, inside that folder so the images' paths hold
@@ -131,18 +109,16 @@ def write(run, evaluation, out):
     report_file = evaluation / "eval.json"
     if report_file.is_file():
         report = json.loads(report_file.read_text(encoding="utf-8"))
-        body += ["<h2>The toy benchmark</h2>", table_html(report)]
+        body += ["<h2>The toy benchmark</h2>", pages.rows_table(report.get("rows", []))]
         for title, name in GRIDS:  # their files: relative to the evaluation folder
             if (evaluation / name).is_file():
                 body.append(f'<h3>{title}</h3><img src="{name}" alt="{title}">')
         for document in report.get("details", {}).get("documents", [])[:1]:
             body += ["<h3>A document it wrote</h3>",
                      f"<p><b>{html.escape(document.get('opening', ''))}</b></p>",
-                     document_html(document)]
+                     pages.document(document.get("segments", []))]
         body.append('<p>Every image, answer and document: <a href="eval.html">eval.html</a></p>')
-    page = ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>DreamLLM report</title>'
-            '</head>\n<body style="font-family: sans-serif; max-width: 60em; margin: 2em auto">\n'
-            + "\n".join(body) + "\n</body></html>\n")
+    page = pages.page("DreamLLM report", body)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     return out

@@ -22,7 +22,6 @@ judged by data.analyse_scene and data.parse_caption, the toy world's FID table. 
 evaluates the preset as built (dream queries at init), the baseline that shows what training did.
 """
 import contextlib
-import html
 import json
 import math
 import re
@@ -36,6 +35,7 @@ import checkpoint
 import cli
 import data
 import official
+import pages
 import report
 from cli import Stop
 
@@ -87,28 +87,22 @@ def slug(text):  # "a red circle" -> "a_red_circle", for file names
 
 
 def write_document(prompt, segments, out):
-    # plain HTML, UTF-8, every text escaped, the images as PNGs beside it; and document.json, the
-    # same for programs: {"prompt": ..., "segments": [{"text": ...}, {"image": "document_1.png"}]},
-    # the whole document in order, the prompt its first text segment
-    parts, n, listed = [f"<b>{html.escape(prompt)}</b>"], 0, [dict(text=prompt)]
+    # document.html, the images as PNGs beside it; and document.json, the same for programs:
+    # {"prompt": ..., "segments": [{"text": ...}, {"image": "document_1.png"}]}, the whole document
+    # in order, the prompt its first text segment
+    listed = [dict(text=prompt)]
     for segment in segments:
         if isinstance(segment, str):
-            parts.append(html.escape(segment))
             listed.append(dict(text=segment))
         else:
-            n += 1
-            segment.save(out / f"document_{n}.png")
-            parts.append(f'<br><img src="document_{n}.png" alt="image {n}" width="192" '
-                         f'style="image-rendering: pixelated"><br>')
-            listed.append(dict(image=f"document_{n}.png"))
-    page = ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>DreamLLM document</title></head>\n'
-            '<body style="font-family: sans-serif; max-width: 40em; margin: 2em auto; line-height: 1.5">\n'
-            f'<p>{"".join(parts)}</p>\n</body></html>\n')
+            listed.append(dict(image=f"document_{sum('image' in s for s in listed) + 1}.png"))
+            segment.save(out / listed[-1]["image"])
+    page = pages.page("DreamLLM document", [pages.document(listed, width=192)])
     (out / "document.html").write_text(page, encoding="utf-8")
     document = dict(prompt=prompt, segments=listed)
     (out / "document.json").write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n",
                                        encoding="utf-8")
-    return n
+    return sum("image" in s for s in listed)
 
 
 def evaluate(model, run, args, sampling, out):

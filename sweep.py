@@ -42,6 +42,7 @@ from tqdm import tqdm
 import benchmark
 import checkpoint
 import cli
+import pages
 import report
 import train
 from cli import Stop
@@ -490,9 +491,7 @@ def page(results, runs, out):
     body = [f"<h1>{e(results['title'])}</h1><p>{e(results['question'])}</p>"]
     for says, pooled in ((SEEDS_SAYS, False), (POOLED_SAYS, True)):
         head, *rows = table(results, pooled)
-        body.append(f"<p>{e(says)}</p><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in head)
-                    + "</tr>" + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
-                                        for r in rows) + "</table>")
+        body.append(f"<p>{e(says)}</p>" + pages.table(head, rows))
     names = list(dict.fromkeys(r.variant for r in runs))  # bases first, then the variants
     body.append("<h2>Training: the losses, a line per seed</h2>")
     for name in names:
@@ -503,21 +502,13 @@ def page(results, runs, out):
             if any(y > 0 for pts in series.values() for _, y in pts):
                 body.append(report.svg_curves(series, f"{name}: {loss} loss"))
     evaluated = [n for n in names if any(r.evaluate for r in runs if r.variant == n)]
-    body.append("<h2>Held-out single shapes (eval_grid.png), a row per seed</h2>"
-                "<table style=\"table-layout: fixed; width: 100%\"><tr>" +
-                "".join(f"<th>{e(n)}</th>" for n in evaluated) + "</tr>")
-    for seed in sorted({r.seed for r in runs}):
-        grids = [r.folder / "eval" / "eval_grid.png" for name in evaluated for r in runs
-                 if r.variant == name and r.seed == seed]  # one per variant
-        body.append("<tr>" + "".join(
-            f'<td><img src="{e(Path(os.path.relpath(g, out)).as_posix())}" style="width: 100%">'
-            "</td>" if g.is_file() else "<td>-</td>" for g in grids) + "</tr>")
-    body.append("</table>")
-    style = ("body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left;"
-             "vertical-align:top}img{image-rendering:pixelated}")
-    return ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>'
-            f"{e(results['title'])}</title><style>{style}</style></head>\n<body>\n" +
-            "\n".join(body) + "\n</body></html>\n")
+    grids = [[r.folder / "eval" / "eval_grid.png" for name in evaluated for r in runs
+              if r.variant == name and r.seed == seed]  # a row per seed, a grid per variant
+             for seed in sorted({r.seed for r in runs})]
+    body.append("<h2>Held-out single shapes (eval_grid.png), a row per seed</h2>" + pages.table(
+        evaluated, [[f'<img src="{e(Path(os.path.relpath(g, out)).as_posix())}" width="100%">'
+                     if g.is_file() else "-" for g in row] for row in grids], escape=False))
+    return pages.page(results["title"], body)
 
 
 def write_results(runs, out, title, question, rows, request=None):

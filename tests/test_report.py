@@ -59,7 +59,7 @@ def test_report_over_a_curriculum_and_a_benchmark(tmp_path):
     (evaluation / "eval_grid.png").write_bytes(b"png")
     page = report.write(run, evaluation, evaluation / "report.html").read_text()
     assert page.count("<svg") == 2 and "stage II: 2 steps" in page
-    assert "<td>VQA: all</td><td>200</td><td>0.50</td><td>0.43 to 0.57</td>" in page
+    assert "<td>VQA: all</td><td>200</td><td>0.50</td><td>[0.43, 0.57]</td>" in page
     assert "<td>0</td><td>-</td>" in page  # N = 0: no value
     assert 'src="eval_grid.png"' in page and "eval_two_shapes.png" not in page  # only what exists
     assert "Here is a &lt;b&gt;." in page and 'src="documents/0_0.png"' in page
