@@ -1,6 +1,6 @@
 """The shapes world's benchmark: does a DreamLLM draw what it is asked, read what it is shown, and
 write documents whose text is true of the pictures it drew? Judged without a model, by the shapes
-world's analyser (data.analyse_scene) and caption parser (data.parse_caption), on colour-shape
+world's analyser (judge.analyse_scene) and caption parser (judge.parse_caption), on colour-shape
 combinations that training never showed (data.HELD_OUT, split "eval").
 
     python benchmark.py --ckpt out/toy --out out/eval      # a train.py run: about a minute
@@ -37,6 +37,7 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import judge
 import pages
 
 # The toy's sampling, measured best for the toy SD: guidance 2 (weights/train_toy.py); DDIM's 30
@@ -133,7 +134,7 @@ def create(model, sizes, sampling, seed):
     single, counts = [], []
     for (prompt, colour, shape), images in zip(singles, drawn):
         for im in images:
-            found = data.analyse_scene(im)
+            found = judge.analyse_scene(im)
             big = largest(found)
             single.append(dict(prompt=prompt, seen=[said(f) for f in found],
                                colour=big is not None and big.color == colour,
@@ -143,7 +144,7 @@ def create(model, sizes, sampling, seed):
     for prompt, scene, images in zip(twos, scenes, drawn_two):
         asked = sorted((s.color, s.shape, s.position) for s in scene.shapes)
         for im in images:
-            found = data.analyse_scene(im)
+            found = judge.analyse_scene(im)
             two.append(dict(prompt=prompt, seen=[said(f) for f in found],
                             right=sorted((f.color, f.shape, f.position) for f in found) == asked))
             counts.append(len(found) == 2)
@@ -189,7 +190,7 @@ def captions(model, sizes, seed):
                                   max_new_tokens=sizes.caption_tokens, max_images=0,
                                   progress=False)
         text = "".join(segments).strip()
-        claims = data.parse_caption(text)
+        claims = judge.parse_caption(text)
         named = all(any(c.get("color") == s.color and c.get("shape") == s.shape for c in claims)
                     for s in scene.shapes)
         true = all(any(true_of(c, s) for s in scene.shapes) for c in claims)
@@ -208,7 +209,7 @@ def back_statements(text):
     # the claims of the text after a picture, leaving out the sentences that announce the next one
     sentences = re.findall(r"[^.!?]+[.!?]?", text)
     return [c for s in sentences if not s.strip().lower().startswith(ANNOUNCE)
-            for c in data.parse_caption(s)]
+            for c in judge.parse_caption(s)]
 
 
 def documents(model, sizes, sampling, seed, out):
@@ -235,12 +236,12 @@ def documents(model, sizes, sampling, seed, out):
                 continue
             name = f"documents/{i}_{len(written)}.png"
             seg.save(out / name)
-            found = data.analyse_scene(seg)
+            found = judge.analyse_scene(seg)
             written.append(dict(image=name, seen=[said(f) for f in found]))
             after = segments[j + 1] if j + 1 < len(segments) else ""
             statements += [dict(claim=c, true=any(true_of(c, f) for f in found))
                            for c in back_statements(after if isinstance(after, str) else "")]
-        big = largest(data.analyse_scene(segments[0]))
+        big = largest(judge.analyse_scene(segments[0]))
         tokens = sum(len(model.tokenizer.encode(s, add_special_tokens=False).ids) if
                      isinstance(s, str) else 1 for s in segments)
         docs.append(dict(opening=opening, asked=f"{asked.color} {asked.shape}", segments=written,

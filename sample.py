@@ -18,7 +18,7 @@ text encoder, the paper's baseline:
 
 --eval runs the shapes world's benchmark (benchmark.py) on colour-shape combinations no training
 document showed: drawing them, answering and captioning them, writing documents about them, all
-judged by data.analyse_scene and data.parse_caption, the toy world's FID table. --untrained
+judged by judge.analyse_scene and judge.parse_caption, the toy world's FID table. --untrained
 evaluates the preset as built (dream queries at init), the baseline that shows what training did.
 """
 import contextlib

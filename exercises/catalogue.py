@@ -401,7 +401,7 @@ official DreamLLM at 2-3.5.""",
          "python -m exercises.read_back --ckpt out/exercises/comp --documents 48"),
         "39 s of training (the visual projector), 75 s for 3 x 48 documents",
         """exercises/read_back.py writes 48 documents that open with a picture (the prompt names
-nothing), three ways, and checks whether the text after it names the colour data.analyse sees.
+nothing), three ways, and checks whether the text after it names the colour judge.analyse sees.
 Measured: read back as DreamLLM does, every document names a colour, the right one 0.08 of the
 time; with an empty canvas in the read slot, no document names a colour (0.00: the text goes on
 "on the right"); with no read slot, every document names a colour, right 0.08. So what is read

@@ -7,7 +7,7 @@ documents (the same seeds, hence the same pictures) are written three ways:
   read    as DreamLLM does: the drawn picture read back into the read slot (_dream_then_read);
   blank   the read slot holds an empty canvas instead: the layout kept, the picture not read;
   none    no read slot at all: <dream_end>, then the text.
-and the colour the text names is compared with the one data.analyse sees in the picture.
+and the colour the text names is compared with the one judge.analyse sees in the picture.
 
     python -m exercises.read_back --ckpt out/exercises/comp --documents 48
 """
@@ -21,6 +21,7 @@ from PIL import Image
 import checkpoint
 import cli
 import data
+import judge
 
 
 def load(folder):
@@ -65,7 +66,7 @@ def measure(model, way, n, steps, guidance):
                                           generator=g, force_image=True, progress=False)
             image = next(s for s in segments if not isinstance(s, str))
             after = "".join(s for s in segments[segments.index(image) + 1:] if isinstance(s, str))
-            rows.append((seed, data.analyse(image)[0], named_colour(after), after.strip()))
+            rows.append((seed, judge.analyse(image)[0], named_colour(after), after.strip()))
     finally:
         for name, f in original.items():  # instance attributes only: the class keeps its own
             model.__dict__.pop(name, None)

@@ -1,4 +1,4 @@
-"""benchmark.py and its judges: data.analyse_scene on drawn scenes, data.parse_caption on every
+"""benchmark.py and its judges: judge.analyse_scene on drawn scenes, judge.parse_caption on every
 template, the Wilson interval, the benchmark end to end on the tiny preset (and with an oracle
 that must score 1 everywhere, a blank painter that must score 0), sample.py's document.json."""
 import dataclasses
@@ -13,6 +13,7 @@ from PIL import Image
 import benchmark
 import cli
 import data
+import judge
 import sample
 import train
 
@@ -38,27 +39,27 @@ def attributes(shapes):
 def test_analyse_scene_recovers_every_drawn_shape(split):
     # colour, shape, size, position and even the jitter, of one or two shapes: accuracy 1.0
     scenes = [data.random_scene(random.Random(i), split) for i in range(150)]
-    right = [attributes(data.analyse_scene(data.draw(sc))) ==
+    right = [attributes(judge.analyse_scene(data.draw(sc))) ==
              attributes(sorted(sc.shapes, key=lambda s: data.POSITIONS[s.position]))
              for sc in scenes]
     assert sum(right) / len(right) == 1.0, [sc for sc, r in zip(scenes, right) if not r][:3]
     assert {len(sc.shapes) for sc in scenes} == {1, 2}
     for sc in scenes[:20]:  # analyse's verdict is analyse_scene's largest shape
-        big = benchmark.largest(data.analyse_scene(data.draw(sc)))
-        assert (big.color, big.shape) == data.analyse(data.draw(sc))
+        big = benchmark.largest(judge.analyse_scene(data.draw(sc)))
+        assert (big.color, big.shape) == judge.analyse(data.draw(sc))
 
 
 def test_analyse_scene_order_sizes_and_nothing():
     scene = data.Scene((data.Shape("red", "square", "large", "at the bottom"),
                         data.Shape("blue", "circle", "small", "at the top")))
-    found = data.analyse_scene(data.draw(scene, size=128))  # any size: read on the 64 grid
+    found = judge.analyse_scene(data.draw(scene, size=128))  # any size: read on the 64 grid
     assert [(f.color, f.position, f.size) for f in found] == [("blue", "at the top", "small"),
                                                              ("red", "at the bottom", "large")]
     assert found[1].pixels > 2 * found[0].pixels
     canvas = Image.new("RGB", (64, 64), data.BACKGROUND)
-    assert data.analyse_scene(canvas) == []
+    assert judge.analyse_scene(canvas) == []
     canvas.paste(data.COLORS["red"], (5, 5, 8, 8))  # 9 pixels: under MIN_PIXELS, noise
-    assert data.analyse_scene(canvas) == []
+    assert judge.analyse_scene(canvas) == []
 
 
 def test_parse_caption_reads_every_form():
@@ -69,22 +70,22 @@ def test_parse_caption_reads_every_form():
     for form, keys in fields.items():
         claims = [{k: getattr(s, k) for k in keys} for s in scene.shapes]
         text = data.caption(scene, form=form)
-        assert data.parse_caption(text) == claims, text
+        assert judge.parse_caption(text) == claims, text
         for template in data.FIRST + data.NEXT + data.AFTER:  # "Here is {}." and the like
-            assert data.parse_caption(template.format(text)) == claims, template
+            assert judge.parse_caption(template.format(text)) == claims, template
     s = scene.shapes[1]
     for template in data.BACK:  # "The {shape} is {color}." names what it formats
         keys = re.findall(r"{(\w+)}", template)
-        assert data.parse_caption(template.format(**vars(s))) == [{k: getattr(s, k) for k in keys}]
-    assert data.parse_caption("It is a blue triangle.") == [dict(color="blue", shape="triangle")]
-    assert data.parse_caption("That square is at the top.") == [dict(shape="square",
+        assert judge.parse_caption(template.format(**vars(s))) == [{k: getattr(s, k) for k in keys}]
+    assert judge.parse_caption("It is a blue triangle.") == [dict(color="blue", shape="triangle")]
+    assert judge.parse_caption("That square is at the top.") == [dict(shape="square",
                                                                      position="at the top")]
-    assert data.parse_caption("The red square is small.") == [dict(color="red", shape="square",
+    assert judge.parse_caption("The red square is small.") == [dict(color="red", shape="square",
                                                                    size="small")]
     for nothing in ("", "That makes two pictures.", "Let us look at some shapes.", "circles"):
-        assert data.parse_caption(nothing) == []
+        assert judge.parse_caption(nothing) == []
     # a phrase that names a colour twice is two claims; case and spacing do not matter
-    assert data.parse_caption("A red blue circle In  the middle") == [
+    assert judge.parse_caption("A red blue circle In  the middle") == [
         dict(color="red"), dict(color="blue", shape="circle", position="in the middle")]
 
 
@@ -92,7 +93,7 @@ def test_every_claim_of_a_training_document_is_true_of_its_pictures():
     for i in range(100):
         text, scenes = data.document_example(0, i, "eval")
         shapes = [s for sc in scenes for s in sc.shapes]
-        claims = data.parse_caption(text)
+        claims = judge.parse_caption(text)
         assert claims and all(any(benchmark.true_of(c, s) for s in shapes) for c in claims), text
 
 
@@ -166,7 +167,7 @@ def oracle(model, monkeypatch, paint):
                           claim.get("position", "in the middle"))
 
     def draw_all(model, prompts, k, sampling, g, desc):
-        return [[paint(data.Scene(tuple(map(shape_of, data.parse_caption(p)))))] * k
+        return [[paint(data.Scene(tuple(map(shape_of, judge.parse_caption(p)))))] * k
                 for p in prompts]
     answers = {}
     for i in range(TINY.questions):
@@ -175,8 +176,8 @@ def oracle(model, monkeypatch, paint):
 
     def generate(text, images=(), layout="document", **kw):
         if layout == "i2t":  # a caption of what is there
-            return [data.caption(data.Scene(tuple(data.analyse_scene(images[0]))))]
-        scene = data.Scene((shape_of(data.parse_caption(text)[0]),))
+            return [data.caption(data.Scene(tuple(judge.analyse_scene(images[0]))))]
+        scene = data.Scene((shape_of(judge.parse_caption(text)[0]),))
         return [paint(scene), " It is a {color} {shape}. The {shape} is {size}.".format(
             **vars(scene.shapes[0]))]
     monkeypatch.setattr(benchmark, "draw_all", draw_all)

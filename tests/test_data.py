@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 import data
+import judge
 
 N = 600  # examples per stream checked for split properties
 
@@ -254,32 +255,32 @@ def test_draw_keeps_palette_colours_inside_and_background_outside():
 
 
 def test_analyser_is_exact_on_clean_images_of_any_size():
-    wrong = [(sc, data.analyse(data.draw(sc))) for sc in all_single_scenes()
-             if data.analyse(data.draw(sc)) != (sc.shapes[0].color, sc.shapes[0].shape)]
+    wrong = [(sc, judge.analyse(data.draw(sc))) for sc in all_single_scenes()
+             if judge.analyse(data.draw(sc)) != (sc.shapes[0].color, sc.shapes[0].shape)]
     assert not wrong, wrong[:5]
     for scene in list(all_single_scenes())[::17]:
         s = scene.shapes[0]
-        assert data.analyse(data.draw(scene, size=256)) == (s.color, s.shape)
-        assert data.analyse(data.draw(scene, size=48)) == (s.color, s.shape)
+        assert judge.analyse(data.draw(scene, size=256)) == (s.color, s.shape)
+        assert judge.analyse(data.draw(scene, size=48)) == (s.color, s.shape)
 
 
 @pytest.mark.parametrize("radius,sigma", [(1.0, 20.0), (1.5, 30.0)])
 def test_analyser_is_robust_to_blur_and_noise(radius, sigma):
     rng = np.random.default_rng(0)
     scenes = list(all_single_scenes())
-    right = sum(data.analyse(blur_and_noise(data.draw(sc), rng, radius, sigma))
+    right = sum(judge.analyse(blur_and_noise(data.draw(sc), rng, radius, sigma))
                 == (sc.shapes[0].color, sc.shapes[0].shape) for sc in scenes)
     assert right / len(scenes) >= 0.95, right / len(scenes)
 
 
 def test_analyser_on_empty_and_two_shape_images():
     empty = Image.new("RGB", (64, 64), data.BACKGROUND)
-    assert data.analyse(empty) == (None, None)
-    assert data.analyse(blur_and_noise(empty, np.random.default_rng(1), sigma=15.0)) == (None, None)
-    assert data.analyse(empty.convert("L").convert("RGBA")) == (None, None)
+    assert judge.analyse(empty) == (None, None)
+    assert judge.analyse(blur_and_noise(empty, np.random.default_rng(1), sigma=15.0)) == (None, None)
+    assert judge.analyse(empty.convert("L").convert("RGBA")) == (None, None)
     for (c1, s1), (c2, s2) in [(("red", "circle"), ("blue", "square")), (("green", "triangle"), ("purple", "circle"))]:
         scene = data.Scene((data.Shape(c1, s1, "small", "on the left"), data.Shape(c2, s2, "large", "on the right")))
-        assert data.analyse(data.draw(scene)) == (c2, s2)  # the larger shape
+        assert judge.analyse(data.draw(scene)) == (c2, s2)  # the larger shape
 
 
 # ------------------------------------------------------------------------------------- manifests

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 import clip
 import data
+import judge
 import diffusion
 import llama
 import unet
@@ -85,7 +86,7 @@ def test_vae_reconstructs_what_analyse_sees():
     assert rec.shape == x.shape
     psnr = -10 * torch.log10(((rec - x) ** 2).mean() / 4)
     assert psnr > 25, psnr
-    assert [data.analyse(im) for im in to_images(rec)] == [(s.shapes[0].color, s.shapes[0].shape) for s in scenes]
+    assert [judge.analyse(im) for im in to_images(rec)] == [(s.shapes[0].color, s.shapes[0].shape) for s in scenes]
 
 
 def test_unet_loads_and_denoises(tok, text_encoder):

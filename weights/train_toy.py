@@ -33,6 +33,7 @@ from tqdm import tqdm
 import cli
 import clip
 import data
+import judge
 import diffusion
 import llama
 import unet
@@ -290,7 +291,7 @@ def train_vae(args, out, device, pool):
         scenes = single_shape_scenes(args.seed + 1, 200)
         x = to_pixels(to_uint8([data.draw(s) for s in scenes]).to(device))
         rec = model.decode(model.encode(x)[0])
-    ok = [data.analyse(im) == (s.shapes[0].color, s.shapes[0].shape) for im, s in zip(to_images(rec), scenes)]
+    ok = [judge.analyse(im) == (s.shapes[0].color, s.shapes[0].shape) for im, s in zip(to_images(rec), scenes)]
     save_weights(model, out / "vae" / "diffusion_pytorch_model.safetensors")
     write_json(model.config.to_diffusers(), out / "vae" / "config.json")
     return (f"{count(model)} params, loss {loss:.4f}, latents std {z.std().item():.3f} -> scaling_factor "
@@ -372,14 +373,14 @@ def generate(model, vae, context, prompts, seed, device, cfg=EVAL["cfg"], steps=
 
 
 def evaluate_t2i(model, vae, context, seed, device, grid_path):
-    # "a red circle" for every colour x shape; judged by data.analyse, as sample.py --eval judges DreamLLM
+    # "a red circle" for every colour x shape; judged by judge.analyse, as sample.py --eval judges DreamLLM
     combos = [(c, s) for c in data.COLORS for s in data.SHAPES]
     n = EVAL["per_prompt"]
     prompts = [f"a {c} {s}" for c, s in combos for _ in range(n)]
     images = []
     for b in tqdm(range(0, len(prompts), 48), desc="eval t2i", unit="batch"):
         images += generate(model, vae, context, prompts[b:b + 48], seed + b, device)
-    seen = [data.analyse(im) for im in images]
+    seen = [judge.analyse(im) for im in images]
     truth = [cs for cs in combos for _ in range(n)]
     color = np.mean([a[0] == t[0] for a, t in zip(seen, truth)])
     shape = np.mean([a[1] == t[1] for a, t in zip(seen, truth)])
