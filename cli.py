@@ -1,12 +1,14 @@
-"""What the scripts share: one-line errors, the argument parser, the device and its precision, and
-building a model by preset name. Not part of the method: train.py, sample.py, bench.py and
-weights/train_toy.py import it so that none of them imports another script.
+"""What the scripts share: one-line errors, Ctrl-C and SIGTERM, the argument parser, the device and
+its precision, and building a model by preset name. Not part of the method: train.py, sample.py,
+bench.py and weights/train_toy.py import it so that none of them imports another script.
 """
 import argparse
+import signal
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
+from tqdm import tqdm
 
 import dreamllm
 import official
@@ -21,6 +23,36 @@ class Stop(Exception):  # a one-line error for the user, no traceback; exit stat
 
 class Interrupted(Stop):  # the user (Ctrl-C) or the system (SIGTERM) stopped the run: status 130
     code = 130
+
+
+class StopSignals:
+    # Ctrl-C (SIGINT) or SIGTERM (a scheduler, `docker stop`): finish the step, save, exit. A second
+    # Ctrl-C stops at once, keeping the last checkpoint, unless it falls inside a save.
+    def __enter__(self):
+        self.received, self.in_save = False, False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT and not self.in_save:
+            raise KeyboardInterrupt
+        self.received = True
+        name = signal.Signals(signum).name
+        tqdm.write(f"{name}: saving after this step (Ctrl-C again to quit without saving)")
+
+    @contextmanager
+    def saving(self):  # the files of a checkpoint are written whole: a second Ctrl-C waits for them
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+
+    def __exit__(self, kind, error, tb):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if kind is KeyboardInterrupt:
+            raise Interrupted("interrupted; the last checkpoint is kept") from None
 
 
 class Parser(argparse.ArgumentParser):

@@ -260,12 +260,13 @@ class DreamLLM(nn.Module):
     # --------------------------------------------------------------------------------------------
     # Training: the two losses
 
-    def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None):
-        # -> dict(lm, diffusion): the two losses, unweighted (a training stage weighs them)
+    def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None, anchor=None):
+        # -> dict(lm, diffusion[, anchor]): the losses, unweighted (a training stage weighs them)
         #   lm:        CE of the next token, over the tokens with a label
         #   diffusion: |f(unet(z_t, t, c)) - target|^2, c the dream queries' final states,
         #              projected;
         #              noise: draw_noise()'s draws for the n images of vae_pixels
+        #   anchor:    |c - c_0|^2 over the dream slots `anchor` = (slots, c_0) names (train.py)
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         # Right padding under a causal mask: no real token ever attends to a pad, so no attention
         # mask is needed (and SDPA keeps its fast causal path); the pads' labels are -100.
@@ -277,11 +278,21 @@ class DreamLLM(nn.Module):
             targets = labels[:, 1:].flatten()
             losses["lm"] = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
         if vae_pixels is not None:
-            dream, _ = self.slot_masks(input_ids)
-            queries = h[dream].view(len(vae_pixels), self.config.n_queries, -1)  # (n, K, D)
-            context = self.condition_projector(queries)  # (n, K, C)
+            context = self.slot_conditions(input_ids, h=h)  # (n, K, C)
             losses["diffusion"] = self.diffusion_loss(context, vae_pixels, noise)
+            if anchor is not None:  # (slots (m,), target (m, K, C)): an MSE holds those slots there
+                slots, target = anchor
+                losses["anchor"] = F.mse_loss(context[slots.to(self.device)].float(),
+                                              target.to(self.device).float())
         return losses
+
+    def slot_conditions(self, input_ids, clip_pixels=None, h=None):
+        # (B, T) -> (n, K, C): every dream slot's K queries, their final states projected, in the
+        # batch's order (h: the LLM's final states for these ids, (B, T, D), where the caller has them)
+        if h is None:
+            h = self.llm.hidden_states(inputs_embeds=self.embed(input_ids.to(self.device), clip_pixels))
+        dream, _ = self.slot_masks(input_ids.to(self.device))
+        return self.condition_projector(h[dream].view(-1, self.config.n_queries, h.shape[-1]))
 
     def diffusion_loss(self, context, vae_pixels, noise):
         # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features

@@ -29,14 +29,13 @@ def init_distributed(device):  # -> (rank, world size, this process's device)
     return dist.get_rank(), world, device
 
 
-def batch_share(batch, world, device):
-    # this process's share of the global batch's label tokens and of its images with a diffusion loss:
-    # weighting its two losses by them makes the sum of the processes' gradients the global batch's
-    if world == 1:
-        return torch.ones(2, device=device)
-    images = len(batch["vae_pixels"]) if "vae_pixels" in batch else 0
-    counts = torch.tensor([(batch["labels"][:, 1:] != -100).sum().item(), images], device=device)
-    return (counts / all_sum(counts.clone(), world).clamp(min=1)).float()
+def batch_shares(batches, world, device):
+    # -> (len(batches), 2): each of this process's batches' share of the global micro-batch's label
+    # tokens and of its images with a diffusion loss (every process's counted): weighting the two
+    # losses of each batch by them makes the sum of all the gradients the global batch's
+    counts = torch.tensor([[(b["labels"][:, 1:] != -100).sum().item(), len(b.get("vae_pixels", ()))]
+                           for b in batches], dtype=torch.float64, device=device)
+    return (counts / all_sum(counts.sum(0), world).clamp(min=1)).float()
 
 
 def all_sum(t, world):  # the sum over processes, in place

@@ -6,7 +6,7 @@
 It shows the loss curves of every stage (read from each run's metrics.jsonl, drawn as inline SVG:
 no plotting package), the benchmark's table with its intervals (eval.json), its grids and one of
 its documents. Every run of train.py appends its logged steps to <run>/metrics.jsonl:
-{"stage", "step", "loss", "lm", "diffusion", "lr", "steps_per_s", "seconds"}.
+{"stage", "step", "loss", "lm", "diffusion", "anchor", "lr", "steps_per_s", "seconds"}.
 """
 import html
 import json
@@ -17,7 +17,7 @@ import cli
 import pages
 from cli import Stop
 
-COLOURS = {"lm": "#1f77b4", "diffusion": "#d62728"}  # one colour per loss, in every chart
+COLOURS = {"lm": "#1f77b4", "diffusion": "#d62728", "anchor": "#2ca02c"}  # one per loss, everywhere
 GRIDS = [("Held-out single shapes", "eval_grid.png"), ("Two shapes", "eval_two_shapes.png")]
 
 
@@ -91,7 +91,8 @@ def curves_html(run):
         if not metrics:
             continue
         last = list(metrics.values())[-1]
-        series = {k: [(s, r[k]) for s, r in metrics.items()] for k in ("lm", "diffusion")}
+        series = {k: [(s, r[k]) for s, r in metrics.items() if k in r] for k in COLOURS}
+        series = {k: points for k, points in series.items() if any(y > 0 for _, y in points)}
         title = (f"stage {last.get('stage', folder.name)}: {last['step']} steps, "
                  f"{last.get('seconds', 0) / 60:.1f} min")
         charts.append(svg_curves(series, title))

@@ -214,8 +214,8 @@ def check(argv, what):
 
 def plan(study, grid, seeds, out, extra=""):
     # -> the runs, in the order they are made: the bases (each across the seeds), then the variants
-    if grid is not None:
-        common, base, variants = [], [], grid_variants(grid)
+    if grid is not None:  # each run one stage: I-creation, unless the grid names another
+        common, base, variants = [("--stage", "I-creation")], [], grid_variants(grid)
     else:
         s = STUDIES[study]
         common = [(f, vs[0]) for f, vs in parse_flags(s["common"])]

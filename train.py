@@ -1,8 +1,8 @@
 """Trains DreamLLM: one loop, in nanoGPT's spirit. A stage is data (STAGES below): which parameter
 groups train, the weights of the two losses, the learning rate and the mix of training examples.
 
-    python train.py                                              # the default run, into out/<preset>
-    python train.py --stage all     # the curriculum, I-creation to III, into out/toy-curriculum/
+    python train.py                 # the main job: the curriculum, I-creation to III, into out/toy/
+    python train.py --stage II --init out/toy/I-comprehension        # one stage, into out/toy-II
     python train.py --preset tiny --steps 20 --device cpu --out out/try
     python train.py --stage I-comprehension --init out/tiny --out out/tiny-comprehension
     torchrun --nproc_per_node 2 train.py --device cpu --batch-size 8     # 2 processes, 4 documents each
@@ -21,14 +21,13 @@ only ever continued, with --resume and the same settings (--steps may grow, the 
 Ctrl-C or SIGTERM: the step finishes, the run saves and exits (status 130).
 """
 import argparse
+import copy
 import functools
 import json
 import math
 import random
 import shutil
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -85,9 +84,16 @@ RECIPES = {
         dream=dict(cond_dropout=0.1, dropout_null="queries"),
         betas=(0.9, 0.95), warmup_ratio=1 / 30, final_lr=0.1,  # then 0.79 / 0.94
         stages={"I-creation": dict(diffusion_weight=10.0),     # then 0.90 / 0.93
+                # II and III train the LLM, and any change of it moves the dream queries' states
+                # along the directions whitening magnified: the drawing unravels (held-out both
+                # 0.88 -> 0.06 at lr 1e-4). The anchor, an MSE of the condition to the one the stage
+                # began with, holds it (0.88 -> 0.95) while the LLM learns; lr 1e-4 (official 2e-5
+                # and 4e-5): the toy has 600 and 400 steps, not an epoch of MMC4 and LLaVA
+                "II": dict(lr=1e-4, anchor_weight=10.0),
                 # SFT on the shapes world's instructions too: "Draw a red circle.", "Write about
                 # two shapes, with pictures." (data.instruction_example), beside its questions
-                "III": dict(mix=["vqa", "instruct", "vqa", "t2i", "i2t"])},
+                "III": dict(lr=1e-4, anchor_weight=10.0,
+                            mix=["vqa", "instruct", "vqa", "t2i", "i2t"])},
     ),
 }
 
@@ -100,12 +106,12 @@ def stage_of(args):  # the stage as the preset's recipe has it: STAGES with its 
     return STAGES[args.stage] | recipe(args.preset)["stages"].get(args.stage, {})
 
 
-# The curriculum `python train.py --stage all` runs: the stages in the paper's order, each starting
+# The curriculum `python train.py` runs (--stage all): the stages in the paper's order, each starting
 # from what the last trained (--init), each a run folder of its own under --out (default
-# out/<preset>-curriculum/, e.g. out/toy-curriculum/II/).
+# out/<preset>/, e.g. out/toy/II/).
 # A stage already done is skipped; one interrupted is continued with --resume.
 CURRICULA = {
-    "toy": [("I-creation", 3000), ("I-comprehension", 300), ("II", 600), ("III", 400)],
+    "toy": [("I-creation", 2000), ("I-comprehension", 300), ("II", 600), ("III", 400)],
     "tiny": [("I-creation", 2), ("I-comprehension", 2), ("II", 2), ("III", 2)],  # for the tests
 }
 PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight", "stop_after")
@@ -114,7 +120,7 @@ PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_wei
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
             "data", "mix", "init", "target", "min_snr_gamma", "cond_dropout", "dropout_null", "diffusion_weight",
-            "lm_weight", "whiten", "n_queries")
+            "lm_weight", "anchor_weight", "whiten", "n_queries")
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -127,7 +133,7 @@ def curriculum(args):
     if given := [k for k in PER_STAGE if getattr(args, k) is not None]:
         raise Stop(f"--{given[0].replace('_', '-')} sets one stage: give it with --stage (the "
                    "curriculum takes each stage's from CURRICULA and the recipe)")
-    root, init = Path(args.out or f"out/{args.preset}-curriculum"), None
+    root, init = Path(args.out or f"out/{args.preset}"), None
     if root.exists() and not root.is_dir():
         raise Stop(f"--out {root} is a file, not a folder; pick another --out")
     if (run := checkpoint.read_run(root)) is not None:  # its stages go in folders of their own
@@ -154,46 +160,60 @@ def train(args):
         return print(f"{out}: already trained for {run['step']} steps (--steps {args.steps})")
     rank, world, device = parallel.init_distributed(cli.pick_device(args.device))
     example, weights = example_source(args, stage), loss_weights(args, stage)
-    model, groups, params, opt, step, ckpt = setup(args, stage, run, out, example, rank, world, device)
+    model, groups, params, opt, step, ckpt, anchor = setup(args, stage, run, out, example, rank,
+                                                           world, device, weights)
     say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks and writes
     lo, hi = args.batch_size * rank // world, args.batch_size * (rank + 1) // world  # my slice
     flip = recipe(args.preset)["random_flip"]
 
-    def get_batch(i):  # micro-batch i of the run (this process's slice): a function of (seed, i)
-        es = range(i * args.batch_size + lo, i * args.batch_size + hi)
-        examples = [example(e) for e in es]
+    def collate(es, examples):  # examples es of the run -> one batch, a function of (seed, es)
         # the images written (dream slots), by example: each one's noise from its example's own
         # generator, and its mirror coin from its own stream, so any process draws the same
         dreamt = [(e, j) for e, (_, ims, layout, _) in zip(es, examples)
                   if "dream" in LAYOUTS[layout][0] for j in range(len(ims))]  # (example, image)
         flips = [flip and random.Random(f"{args.seed}/flip/{e}/{j}").random() < 0.5 for e, j in dreamt]
         batch = model.collate(examples, diffusion=weights["diffusion"] > 0, flips=flips)
+        batch["pairs"] = [k for k, (*_, layout, _) in enumerate(examples) if layout == "t2i"]
         if "vae_pixels" in batch:
             gens = {e: torch.Generator().manual_seed(args.seed * 2**32 + e) for e, _ in dreamt}
             batch["noise"] = model.draw_noise([gens[e] for e, _ in dreamt])
         return batch
 
+    def get_parts(i):
+        # micro-batch i of the run (this process's slice), as batches of like lengths: in a mixed
+        # stage a document is ~10x a pair, and padding all to the longest wastes half the LLM's work
+        es = range(i * args.batch_size + lo, i * args.batch_size + hi)
+        examples = [example(e) for e in es]
+        lengths = [len(model.encode_document(text, len(ims), layout, reply)[0])
+                   for text, ims, layout, reply in examples]
+        parts = [range(len(es))] if args.fsdp else by_length(lengths)  # FSDP: as many forwards
+        return [collate([es[k] for k in part], [examples[k] for k in part]) for part in parts]
     bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step",
                dynamic_ncols=True, disable=True if rank > 0 else None)  # None: no bar in a log file
     t0, first = time.perf_counter(), step
-    with StopSignals() as signals, bar:
+    with cli.StopSignals() as signals, bar:
         while step < args.steps:
             lr = lr_at(step, args)
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, lm, diffusion, stop
+            totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, 3 terms, stop
             for micro in range(args.grad_accum):
-                batch = get_batch(step * args.grad_accum + micro)
-                with cli.autocast(device):
-                    losses = model(**batch)
-                share = parallel.batch_share(batch, world, device)  # 1, 1 for one process
-                lm, diffusion = losses["lm"] * share[0], losses["diffusion"] * share[1]
-                loss = weights["lm"] * lm + weights["diffusion"] * diffusion
-                if loss.requires_grad:  # (a batch may hold nothing this stage learns from)
-                    (loss / args.grad_accum).backward()
-                totals[:3] += torch.stack([loss, lm, diffusion]).detach().double() / args.grad_accum
-            totals[3] = float(signals.received)
-            loss, lm, diffusion, stop = parallel.all_sum(totals, world).tolist()  # all see the same
+                parts = get_parts(step * args.grad_accum + micro)
+                # each part's share of the global micro-batch's labels and images: 1, 1 for one
+                for batch, share in zip(parts, parallel.batch_shares(parts, world, device)):
+                    pairs = batch.pop("pairs")  # the rows of pairs written: what the anchor holds
+                    with cli.autocast(device):
+                        if anchor is not None and pairs and "vae_pixels" in batch:
+                            batch["anchor"] = anchor_targets(anchor, batch["input_ids"], pairs)
+                        losses = model(**batch)
+                    terms = torch.stack([losses["lm"] * share[0], losses["diffusion"] * share[1],
+                                         losses.get("anchor", losses["diffusion"] * 0) * share[1]])
+                    loss = (terms * torch.tensor([weights[k] for k in TERMS], device=device)).sum()
+                    if loss.requires_grad:  # (a batch may hold nothing this stage learns from)
+                        (loss / args.grad_accum).backward()
+                    totals[:4] += torch.cat([loss[None], terms]).detach().double() / args.grad_accum
+            totals[4] = float(signals.received)
+            loss, lm, diffusion, anchored, stop = parallel.all_sum(totals, world).tolist()
             if not math.isfinite(loss):
                 raise Stop(f"step {step + 1}: the loss is {loss}; stopped ({ckpt.kept()})")
             parallel.sync_grads(params, world)
@@ -205,16 +225,18 @@ def train(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            ckpt.losses = dict(loss=loss, lm=lm, diffusion=diffusion)
+            ckpt.losses = dict(loss=loss, lm=lm, diffusion=diffusion, anchor=anchored)
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm:.3f}", diff=f"{diffusion:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm:.3f}", diff=f"{diffusion:.4f}",
+                            **dict(anchor=f"{anchored:.4f}") if anchor else {})
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 rate = (step - first) / (time.perf_counter() - t0)
                 tqdm.write(f"step {step}/{args.steps}  loss {loss:.4f}  lm {lm:.4f}  diffusion "
-                           f"{diffusion:.4f}  lr {lr:.2e}  {rate:.2f} steps/s")
+                           f"{diffusion:.4f}" + (f"  anchor {anchored:.4f}" if anchor else "") +
+                           f"  lr {lr:.2e}  {rate:.2f} steps/s")
                 log_metrics(out, dict(stage=args.stage, step=step, loss=loss, lm=lm,
-                                      diffusion=diffusion, lr=lr, steps_per_s=rate,
-                                      seconds=time.perf_counter() - t0))
+                                      diffusion=diffusion, anchor=anchored, lr=lr,
+                                      steps_per_s=rate, seconds=time.perf_counter() - t0))
             if step in (args.steps, args.stop_after) or step % args.save_every == 0 or stop:
                 with signals.saving():
                     ckpt.save(step)
@@ -226,6 +248,31 @@ def train(args):
 
 
 # ---------------------------------------------------------------------------------- around the loop
+
+@torch.no_grad()
+def anchor_targets(anchor, input_ids, rows):
+    # The anchor: the model as the stage began. For the dream slots of `rows` (pairs written, what
+    # stage I-creation aligned on): (their indices among the batch's dream slots, (m,), and the
+    # anchor's condition for them, (m, K, C)). Documents and instructions are not held: a stage
+    # may teach them to draw.
+    per_row = anchor.slot_masks(input_ids)[0].sum(1) // anchor.config.n_queries  # dream slots
+    first = per_row.cumsum(0) - per_row
+    slots = torch.cat([torch.arange(first[r], first[r] + per_row[r]) for r in rows])
+    return slots, anchor.slot_conditions(input_ids[rows])
+
+
+def by_length(lengths, saving=0.4):
+    # [token count of each example] -> groups of their indices: all of them, or the shorter ones and
+    # the longer ones where that cut pads fewer tokens by `saving` of the whole at least (a second,
+    # smaller forward is not free)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    L = [lengths[k] for k in order]
+    padded = lambda cut: cut * L[cut - 1] + (len(L) - cut) * L[-1]  # tokens in the two batches
+    cut = min(range(1, len(L)), key=padded, default=0)
+    if not cut or padded(cut) > (1 - saving) * len(L) * L[-1]:
+        return [range(len(lengths))]
+    return [sorted(order[:cut]), sorted(order[cut:])]
+
 
 def log_metrics(out, record):
     # one JSON line per logged step, appended to the run's metrics.jsonl (the curves to compare
@@ -242,9 +289,12 @@ def lr_at(step, args):  # linear warmup from 0, then cosine down to final_lr x t
     return args.lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+TERMS = ("lm", "diffusion", "anchor")  # the loss's terms, each with its weight
+
+
 def loss_weights(args, stage):  # the stage's (as the preset's recipe has it), unless given as flags
-    given = {k: getattr(args, f"{k}_weight") for k in ("lm", "diffusion")}
-    return {k: stage[f"{k}_weight"] if w is None else w for k, w in given.items()}
+    given = {k: getattr(args, f"{k}_weight") for k in TERMS}
+    return {k: stage.get(f"{k}_weight", 0.0) if w is None else w for k, w in given.items()}
 
 
 def example_source(args, stage):
@@ -275,7 +325,7 @@ def example_source(args, stage):
 
 def open_run(args):
     # -> (the checkpoint to continue or None, the run's folder, the stage); refuses what loses work
-    stage, out = stage_of(args), Path(args.out or f"out/{args.preset}")
+    stage, out = stage_of(args), Path(args.out or f"out/{args.preset}-{args.stage}")
     args.given = {k: v for k, v in vars(args).items() if k != "given"}  # saved; compared on resume
     args.lr = stage["lr"] if args.lr is None else args.lr
     if args.warmup is None:  # the recipe's share of the steps, rounded up (HF's warmup_ratio)
@@ -284,6 +334,9 @@ def open_run(args):
         args.whiten = recipe(args.preset)["whiten"]
     if out.exists() and not out.is_dir():
         raise Stop(f"--out {out} is a file, not a folder; pick another --out")
+    if (out / "curriculum.json").is_file():
+        raise Stop(f"--out {out} is a curriculum's folder: give one of its stages' folders, or "
+                   "another --out")
     run = checkpoint.read_run(out)
     if args.resume and run is None:
         raise Stop(f"--resume: {out} holds no checkpoint to continue")
@@ -297,7 +350,7 @@ def open_run(args):
     return run, out, stage
 
 
-def setup(args, stage, run, out, example, rank, world, device):
+def setup(args, stage, run, out, example, rank, world, device, weights):
     # the model with what earlier runs trained, the optimizer, the step to start at, the checkpointer
     if args.batch_size < world:
         raise Stop(f"--batch-size {args.batch_size} (the global batch) is under the {world} processes")
@@ -315,6 +368,10 @@ def setup(args, stage, run, out, example, rank, world, device):
         model.load_trained_state(checkpoint.read_tensors(init, "model"))
         groups += [g for g in init["groups"] if g not in groups]
         inherited = init["groups"]
+    anchor = None  # a frozen copy of the model as the stage begins, sharing the frozen backbones
+    if weights["anchor"] > 0:
+        anchor = copy.deepcopy(model, {id(m): m for m in (model.clip, model.unet, model.vae)})
+        anchor.requires_grad_(False)
     train_state = checkpoint.read_tensors(run, "train_state") if run else {}
     if run:
         model.load_trained_state(checkpoint.read_tensors(run, "model"))
@@ -339,7 +396,7 @@ def setup(args, stage, run, out, example, rank, world, device):
         print(f"stage {args.stage}: training {', '.join(stage['groups'])} ({n:,} parameters) of preset "
               f"{args.preset} on {device}{f' x {world} processes' if world > 1 else ''}, steps "
               f"{run['step'] if run else 0}..{args.steps}, into {out}")
-    return model, groups, params, opt, (run["step"] if run else 0), ckpt
+    return model, groups, params, opt, (run["step"] if run else 0), ckpt, anchor
 
 
 def make_optimizer(model, groups, args, whitening=None):
@@ -430,44 +487,13 @@ class Checkpointer:
         return f"the last good checkpoint, step {self.saved}, is kept in {self.out}"
 
 
-class StopSignals:
-    # Ctrl-C (SIGINT) or SIGTERM (a scheduler, `docker stop`): finish the step, save, exit. A second
-    # Ctrl-C stops at once, keeping the last checkpoint, unless it falls inside a save.
-    def __enter__(self):
-        self.received, self.in_save = False, False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT and not self.in_save:
-            raise KeyboardInterrupt
-        self.received = True
-        name = signal.Signals(signum).name
-        tqdm.write(f"{name}: saving after this step (Ctrl-C again to quit without saving)")
-
-    @contextmanager
-    def saving(self):  # the files of a checkpoint are written whole: a second Ctrl-C waits for them
-        self.in_save = True
-        try:
-            yield
-        finally:
-            self.in_save = False
-
-    def __exit__(self, kind, error, tb):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        if kind is KeyboardInterrupt:
-            raise Interrupted("interrupted; the last checkpoint is kept") from None
-
-
 # ------------------------------------------------------------------------------------------ arguments
 
 def parse_args(argv=None):
     p = cli.Parser(description="Train DreamLLM (a stage of it) and checkpoint it.", formatter_class=cli.Help)
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=cli.PRESETS, help="the backbones")
-    p.add_argument("--stage", default="I-creation", choices=["all", *STAGES], help="what trains, "
-                   "with which losses; all: the preset's curriculum (CURRICULA), each stage from the "
-                   "last (not yet the default: stage II unravels the toy's creation, see README)")
+    p.add_argument("--stage", default="all", choices=["all", *STAGES], help="what trains, with "
+                   "which losses; all: the preset's curriculum (CURRICULA), each stage from the last")
     p.add_argument("--steps", type=int, help="the run's length: the lr schedule spans it (default: "
                    "the stage's in the preset's curriculum, else 3000)")
     p.add_argument("--stop-after", type=int, help="checkpoint and exit after this step, as an interruption would")
@@ -480,8 +506,8 @@ def parse_args(argv=None):
                    help="train the condition projector in whitened coordinates, a trick of ours "
                    "(whitening.py; stages with the LLM frozen; default: the preset's recipe, on for toy)")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu (fp32)")
-    p.add_argument("--out", help="the run's folder (default: out/<preset>; --stage all: "
-                   "out/<preset>-curriculum, a folder per stage)")
+    p.add_argument("--out", help="the run's folder (default: out/<preset>-<stage>; --stage all: "
+                   "out/<preset>, a folder per stage)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init", help="start from the trained state of another run's folder (e.g. stage I's)")
     p.add_argument("--seed", type=int, default=0, help="the initialisation, the data order and the noise")
@@ -504,6 +530,8 @@ def parse_args(argv=None):
                       "over raw <im_patch> (official) or over the queries after an empty prompt")
     loss.add_argument("--diffusion-weight", type=float, help="lambda on the diffusion loss")
     loss.add_argument("--lm-weight", type=float, help="weight of the LM cross-entropy")
+    loss.add_argument("--anchor-weight", type=float, help="weight of the anchor: MSE of the "
+                      "condition to the one the stage began with")
     loss.add_argument("--n-queries", type=int, help="K, the dream queries per image (structural: "
                       "the DreamConfig's n_queries; default: the preset's, 8 for toy)")
     args = p.parse_args(argv)

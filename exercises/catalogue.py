@@ -339,8 +339,8 @@ class Experiment:
 EXPERIMENTS = [
     Experiment(
         "target-v", "Train with --target v instead of the default epsilon: what changes, and why?",
-        ("python train.py --steps 600 --out out/exercises/eps",
-         "python train.py --steps 600 --target v --out out/exercises/v",
+        ("python train.py --stage I-creation --steps 600 --out out/exercises/eps",
+         "python train.py --stage I-creation --steps 600 --target v --out out/exercises/v",
          "python sample.py --ckpt out/exercises/eps --eval --out out/exercises/eps-eval",
          "python sample.py --ckpt out/exercises/v --eval --out out/exercises/v-eval"),
         "70 s and 71 s of training (2 threads, a quiet machine); the evaluation, the whole benchmark "
@@ -362,7 +362,7 @@ re-weights the timesteps on purpose.""",
     Experiment(
         "whitening", "Train without the whitened projector (--no-whiten): what do the dream "
         "queries learn in the same time?",
-        ("python train.py --steps 600 --no-whiten --out out/exercises/nowhite",
+        ("python train.py --stage I-creation --steps 600 --no-whiten --out out/exercises/nowhite",
          "python sample.py --ckpt out/exercises/nowhite --eval --out out/exercises/nowhite-eval"),
         "72 s of training, about a minute of evaluation (and the default run of target-v to compare "
         "with)",

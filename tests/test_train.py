@@ -210,6 +210,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
             out["diffusion"] = out["diffusion"] * float("nan")
         return out
     monkeypatch.setattr(dreamllm.DreamLLM, "forward", poisoned)
+    monkeypatch.setattr(train, "by_length", lambda lengths: [range(len(lengths))])  # a forward a step
     line = fails(FAST + ["--steps", "6", "--save-every", "2", "--out", str(tmp_path)], capsys)
     assert "step 4" in line and "nan" in line and "step 2" in line
     assert step_of(tmp_path) == (2, 2, 2)
@@ -366,6 +367,52 @@ def test_the_curriculum_runs_each_stage_from_the_last_skips_what_is_done_and_res
     assert "not a curriculum" in fails(flags + ["--out", str(root / "III")], capsys)
     assert "no curriculum" in fails(["--preset", "dreamllm-7b", "--stage", "all", "--out",
                                      str(tmp_path / "x")], capsys)
+
+
+def test_the_anchor_holds_the_condition_to_the_one_the_stage_began_with(tmp_path):
+    # stage II from stage I, with and without the anchor: at step 1 the model is its anchor (the
+    # term is 0); after, the anchored run's conditions stay nearer the start than the free run's
+    first = tmp_path / "creation"
+    train.main(FAST + ["--steps", "2", "--out", str(first)])
+    flags = FAST + ["--stage", "II", "--steps", "6", "--lr", "3e-3", "--mix", "t2i,document",
+                    "--init", str(first)]
+    train.main(flags + ["--anchor-weight", "0", "--out", str(tmp_path / "free")])
+    train.main(flags + ["--anchor-weight", "100", "--out", str(tmp_path / "anchored")])
+    logged = [json.loads(x) for x in (tmp_path / "anchored" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["anchor"] == 0 and logged[-1]["anchor"] > 0
+    prompts = [data.example("t2i", 1, e)[0].split(data.IMAGE_TOKEN)[0] for e in range(8)]
+
+    def conditions(folder):
+        model = dreamllm.build("tiny")
+        model.load_trained_state(state(folder))
+        with torch.no_grad():
+            return torch.cat([model.condition(p) for p in prompts])
+    start = conditions(first)
+    moved = {name: (conditions(tmp_path / name) - start).pow(2).mean().item()
+             for name in ("free", "anchored")}
+    assert 0 < moved["anchored"] < moved["free"] / 4, moved
+
+
+def test_a_micro_batch_cut_by_length_gives_the_same_losses(tmp_path, monkeypatch):
+    # documents, pairs written and read: cut in two by length, each part weighed by its share of
+    # the labels and images, the losses are the whole batch's (to float rounding)
+    lengths = [300, 20, 80, 280, 22, 78]
+    parts = train.by_length(lengths)
+    assert sorted(k for p in parts for k in p) == list(range(6)) and len(parts) == 2
+    assert max(lengths[k] for k in parts[0]) < min(lengths[k] for k in parts[1])
+    assert train.by_length([20, 22, 25, 28]) == [range(4)]  # alike: one batch
+    flags = FAST + ["--stage", "II", "--steps", "1", "--batch-size", "6",
+                    "--mix", "document,t2i,i2t"]
+    cuts, by_length = [], train.by_length
+    monkeypatch.setattr(train, "by_length", lambda lengths: cuts.append(by_length(lengths)) or cuts[-1])
+    train.main(flags + ["--out", str(tmp_path / "cut")])
+    assert [len(c) for c in cuts] == [2]  # this batch was cut
+    monkeypatch.setattr(train, "by_length", lambda lengths: [range(len(lengths))])
+    train.main(flags + ["--out", str(tmp_path / "whole")])
+    cut, whole = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+                  for n in ("cut", "whole"))
+    for key in ("loss", "lm", "diffusion"):
+        assert cut[0][key] == pytest.approx(whole[0][key], rel=1e-5) and whole[0][key] > 0
 
 
 def test_trains_on_a_manifest_of_documents(tmp_path):
