@@ -85,7 +85,7 @@ STUDIES = {
     # together does better at both than either alone: creation helps comprehension (VQA, captions)
     # and comprehension helps creation (FID). Here from one start per seed (stage I, both halves),
     # stage II on pairs written alone (t2i), on pairs read and questions alone (i2t, vqa), or on
-    # the stage's own mix (documents, t2i, i2t), the joint arm, which has documents besides.
+    # both (t2i, i2t, vqa): the joint arm sees the two others' data, each half as often.
     "synergy": dict(
         question="Does creation help comprehension, and comprehension creation?",
         common="--preset toy",
@@ -93,7 +93,7 @@ STUDIES = {
               ("start", "--stage I-comprehension --steps 300 --init {start-creation}")],
         runs=[("creation-only", "--stage II --steps 300 --mix t2i --init {start}"),
               ("comprehension-only", "--stage II --steps 300 --mix i2t,vqa --init {start}"),
-              ("joint", "--stage II --steps 300 --init {start}")],
+              ("joint", "--stage II --steps 300 --mix t2i,i2t,vqa --init {start}")],
         rows=BOTH, eval=""),
 }
 # planned but not buildable: the alignment objective is not in dreamllm.py

@@ -114,7 +114,8 @@ CURRICULA = {
     "toy": [("I-creation", 2000), ("I-comprehension", 300), ("II", 600), ("III", 400)],
     "tiny": [("I-creation", 2), ("I-comprehension", 2), ("II", 2), ("III", 2)],  # for the tests
 }
-PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight", "stop_after")
+PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight",
+             "anchor_weight", "stop_after")
 
 
 # the arguments that define a run: --resume refuses to change them
@@ -188,6 +189,7 @@ def train(args):
                    for text, ims, layout, reply in examples]
         parts = [range(len(es))] if args.fsdp else by_length(lengths)  # FSDP: as many forwards
         return [collate([es[k] for k in part], [examples[k] for k in part]) for part in parts]
+
     bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step",
                dynamic_ncols=True, disable=True if rank > 0 else None)  # None: no bar in a log file
     t0, first = time.perf_counter(), step
@@ -530,8 +532,8 @@ def parse_args(argv=None):
                       "over raw <im_patch> (official) or over the queries after an empty prompt")
     loss.add_argument("--diffusion-weight", type=float, help="lambda on the diffusion loss")
     loss.add_argument("--lm-weight", type=float, help="weight of the LM cross-entropy")
-    loss.add_argument("--anchor-weight", type=float, help="weight of the anchor: MSE of the "
-                      "condition to the one the stage began with")
+    loss.add_argument("--anchor-weight", type=float, help="weight of the anchor: the MSE of each "
+                      "pair written's condition to the one the stage began with (ours; toy II, III: 10)")
     loss.add_argument("--n-queries", type=int, help="K, the dream queries per image (structural: "
                       "the DreamConfig's n_queries; default: the preset's, 8 for toy)")
     args = p.parse_args(argv)
@@ -545,7 +547,8 @@ def parse_args(argv=None):
               ("cond_dropout", lambda v: 0 <= v < 1, "a probability in [0, 1)"),
               ("min_snr_gamma", lambda v: v > 0, "> 0"),
               ("diffusion_weight", lambda v: v >= 0, ">= 0"),
-              ("lm_weight", lambda v: v >= 0, ">= 0")]
+              ("lm_weight", lambda v: v >= 0, ">= 0"),
+              ("anchor_weight", lambda v: v >= 0, ">= 0")]
     for name, ok, what in checks:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and ok(v)):

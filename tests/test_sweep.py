@@ -98,7 +98,7 @@ def test_the_studies_say_what_the_brief_asks(capsys, tmp_path):
     lines = dry(["synergy", "--seeds", "1", "--out", str(tmp_path / "s")], capsys)
     stages = [(a.stage, a.mix) for a in (train.parse_args(shlex.split(x)[2:]) for x in lines)]
     assert stages == [("I-creation", None), ("I-comprehension", None), ("II", "t2i"),
-                      ("II", "i2t,vqa"), ("II", None)]
+                      ("II", "i2t,vqa"), ("II", "t2i,i2t,vqa")]
 
 
 def test_dry_run_of_a_grid(capsys, tmp_path):

@@ -364,6 +364,7 @@ def test_the_curriculum_runs_each_stage_from_the_last_skips_what_is_done_and_res
     train.main(flags + ["--out", str(root), "--resume"])
     assert checkpoint.read_run(root / "III")["step"] == 2
     assert "sets one stage" in fails(flags + ["--steps", "5", "--out", str(root)], capsys)
+    assert "curriculum's folder" in fails(FAST + ["--steps", "2", "--out", str(root)], capsys)
     assert "not a curriculum" in fails(flags + ["--out", str(root / "III")], capsys)
     assert "no curriculum" in fails(["--preset", "dreamllm-7b", "--stage", "all", "--out",
                                      str(tmp_path / "x")], capsys)
