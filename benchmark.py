@@ -259,14 +259,10 @@ def documents(model, sizes, sampling, seed, out):
 
 # ----------------------------------------------------------------------------------- the report
 
-def value(r):  # a row's proportion, "-" for none (N = 0)
-    return "-" if r["value"] is None else f"{r['value']:.2f}"
-
-
 def table(rows):
     lines = [f"{'':<38} {'n':>5} {'value':>6}   95% interval"]
-    lines += [f"{r['name']:<38} {r['n']:>5} {value(r):>6}   [{r['low']:.2f}, {r['high']:.2f}]"
-              for r in rows]
+    lines += [f"{r['name']:<38} {r['n']:>5} {pages.proportion(r)[0]:>6}   "
+              f"[{r['low']:.2f}, {r['high']:.2f}]" for r in rows]
     return "\n".join(lines)
 
 
