@@ -9,8 +9,10 @@ LM loss: the frozen UNet's score teaches the LLM to speak its language ("score d
 
     L = w_lm CE(next token)  +  w_diffusion |f(unet(z_t, t, c)) - target(z_0, eps, t)|^2
 
-forward() returns the two terms; a training stage picks their weights (train.py). Every image of a
-document is written as a dream slot, then a read slot: the model creates it, then reads it back.
+forward() returns the two terms; a training stage picks their weights (train.py). The peers'
+objective, alignment to the text encoder's states, is a DreamConfig choice beside it (alignment.py).
+Every image of a document is written as a dream slot, then a read slot: the model creates it, then
+reads it back.
 
     <dream_start> <im_patch> x K <dream_end> <im_start> <im_patch> x N <im_end>
                   dream queries                         CLIP features, projected
@@ -29,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+import alignment
 import clip
 import diffusion
 import llama
@@ -36,6 +39,7 @@ import unet
 
 SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", "<dream_start>",
                   "<dream_end>"]
+OBJECTIVES, BRIDGES = ("score", "align", "both"), ("projector", "mapper")  # DreamConfig's choices
 # How an example of each kind is laid out, as the official data builder does (omni/data/builders/
 # builder_dreamllm.py): what each <image> becomes (a dream slot, a read slot, or both: create it,
 # then read it back), and which text carries LM labels ("text": all of it, with each <dream_start>;
@@ -81,7 +85,17 @@ class DreamConfig:
     dropout_null: str = "patches"       # that null: the LLM's states over the raw <im_patch>
                                         # embeddings (official) | "queries": over the dream queries
                                         # after an empty prompt, the null CFG samples with
+    # the creation objective (alignment.py; sweep.py objective compares them). The stage's
+    # diffusion weight weighs the creation loss: w (diffusion + align_weight * align), each term
+    # as the objective has it
+    objective: str = "score"            # "score": SD's denoising loss through the frozen UNet
+                                        # (DreamLLM) | "align": the condition regressed onto the
+                                        # text encoder's states of the caption (GILL) | "both"
+    align_weight: float = 1.0           # the alignment's weight beside the denoising loss's
+    align_distance: str = "mse"         # "mse" | "cosine" (1 - cos per token state)
     # structural: fixed when the model is built
+    bridge: str = "projector"           # the UNet reads the K projected states (DreamLLM) |
+                                        # "mapper": GILL's, L states shaped as the text encoder's
     n_queries: int = 64                 # K dream queries per image
     clip_layer: int = -2                # the CLIP layer the LLM reads (the penultimate, as LLaVA)
     image_size: int = 512               # pixels of the images the VAE encodes and decodes
@@ -105,6 +119,16 @@ class DreamLLM(nn.Module):
         super().__init__()
         if config.target not in diffusion.SPACES:
             raise ValueError(f"DreamConfig.target {config.target!r}: one of {diffusion.SPACES}")
+        for field, allowed in (("objective", OBJECTIVES), ("bridge", BRIDGES),
+                               ("align_distance", alignment.DISTANCES)):
+            if getattr(config, field) not in allowed:
+                raise ValueError(f"DreamConfig.{field} {getattr(config, field)!r}: one of {allowed}")
+        if config.objective != "score" and config.bridge != "mapper":
+            raise ValueError(f"objective {config.objective!r} compares the condition with the text "
+                             "encoder's states, which needs bridge 'mapper' (--bridge mapper)")
+        if config.bridge == "mapper" and clip.config.text is None:
+            raise ValueError("bridge 'mapper' is shaped as CLIP's text states, and this CLIP has no "
+                             "text tower (a preset with one: toy, tiny-text)")
         self.llm, self.clip, self.unet, self.vae = llm, clip, unet, vae
         for frozen in (clip, unet, vae):  # never trained: CLIP is the eye, SD's score the teacher
             frozen.requires_grad_(False)
@@ -126,6 +150,8 @@ class DreamLLM(nn.Module):
         self.visual_projector = nn.Linear(v.width, D)
         self.dream_queries = nn.Parameter(torch.randn(config.n_queries, D) * 0.02)  # (K, D)
         self.condition_projector = nn.Linear(D, unet.config.context_dim, bias=False)
+        self.condition_mapper = None if config.bridge == "projector" else \
+            alignment.Mapper(unet.config.context_dim, clip.config.text.n_positions)
 
     def _resize_vocab(self, n):
         # New tokens start as the average token (as LLaVA does): a neutral point, the usual scale.
@@ -260,12 +286,15 @@ class DreamLLM(nn.Module):
     # --------------------------------------------------------------------------------------------
     # Training: the two losses
 
-    def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None, anchor=None):
-        # -> dict(lm, diffusion[, anchor]): the losses, unweighted (a training stage weighs them)
+    def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None, captions=None,
+                anchor=None):
+        # -> dict(lm, diffusion[, align][, anchor]): the losses, unweighted (a stage weighs them)
         #   lm:        CE of the next token, over the tokens with a label
         #   diffusion: |f(unet(z_t, t, c)) - target|^2, c the dream queries' final states,
-        #              projected;
+        #              projected (the UNet's context, to_context);
         #              noise: draw_noise()'s draws for the n images of vae_pixels
+        #   align:     distance(c, E(caption)) over the dream slots `captions` = (slots, texts)
+        #              names, the null condition with them (alignment_loss)
         #   anchor:    |c - c_0|^2 over the dream slots `anchor` = (slots, c_0) names (train.py)
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         # Right padding under a causal mask: no real token ever attends to a pad, so no attention
@@ -277,13 +306,18 @@ class DreamLLM(nn.Module):
             logits = self.llm.lm_head(h[:, :-1]).float()  # position i predicts token i + 1
             targets = labels[:, 1:].flatten()
             losses["lm"] = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
+        if vae_pixels is None and captions is None:
+            return losses
+        context = self.slot_conditions(input_ids, h=h)  # (n, K, C), or (n, L, C) through a mapper
         if vae_pixels is not None:
-            context = self.slot_conditions(input_ids, h=h)  # (n, K, C)
             losses["diffusion"] = self.diffusion_loss(context, vae_pixels, noise)
-            if anchor is not None:  # (slots (m,), target (m, K, C)): an MSE holds those slots there
-                slots, target = anchor
-                losses["anchor"] = F.mse_loss(context[slots.to(self.device)].float(),
-                                              target.to(self.device).float())
+        if captions is not None:
+            slots, texts = captions
+            losses["align"] = self.alignment_loss(context[slots.to(self.device)], texts)
+        if anchor is not None:  # (slots (m,), target (m, K, C)): an MSE holds those slots there
+            slots, target = anchor
+            losses["anchor"] = F.mse_loss(context[slots.to(self.device)].float(),
+                                          target.to(self.device).float())
         return losses
 
     def slot_conditions(self, input_ids, clip_pixels=None, h=None):
@@ -292,7 +326,28 @@ class DreamLLM(nn.Module):
         if h is None:
             h = self.llm.hidden_states(inputs_embeds=self.embed(input_ids.to(self.device), clip_pixels))
         dream, _ = self.slot_masks(input_ids.to(self.device))
-        return self.condition_projector(h[dream].view(-1, self.config.n_queries, h.shape[-1]))
+        return self.to_context(h[dream].view(-1, self.config.n_queries, h.shape[-1]))
+
+    def to_context(self, states):
+        # (n, K, D) dream queries' final states -> the UNet's context: (n, K, C) projected, or
+        # (n, L, C), the text encoder's shape, through GILL's mapper (bridge "mapper")
+        c = self.condition_projector(states)
+        return c if self.condition_mapper is None else self.condition_mapper(c)
+
+    def alignment_loss(self, context, captions):
+        # The peers' objective: the conditions (m, L, C) of pairs written against E(caption), the
+        # frozen text encoder's states of their captions. Where the denoising loss drops a
+        # condition for the null (cond_dropout), the null is aligned to E(""), SD's own null, at
+        # that rate: what classifier-free guidance samples with.
+        p = self.config.cond_dropout
+        with torch.no_grad():
+            ids = alignment.text_ids(self.tokenizer, [*captions, ""], self.clip.config.text.n_positions)
+            target = self.clip.text_hidden_states(ids.to(self.device))  # (m + 1, L, C)
+        loss = alignment.distance(context, target[:-1], self.config.align_distance)
+        if p > 0:
+            null = alignment.distance(self.null_condition(), target[-1:], self.config.align_distance)
+            loss = (1 - p) * loss + p * null
+        return loss
 
     def diffusion_loss(self, context, vae_pixels, noise):
         # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features
@@ -322,8 +377,8 @@ class DreamLLM(nn.Module):
         return self.llm.hidden_states(inputs_embeds=x)[:, -self.config.n_queries:]
 
     def condition(self, prompt="", images=(), queries=True):
-        # the dream queries' states, projected: (1, K, C); differentiable (training's null)
-        return self.condition_projector(self.dream_states(prompt, images, queries))
+        # the dream queries' states, the UNet's context: (1, K, C); differentiable (training's null)
+        return self.to_context(self.dream_states(prompt, images, queries))
 
     def null_condition(self, negative=""):
         # The CFG null, (1, K, C): the dream queries after a negative prompt, by default the empty
@@ -334,10 +389,12 @@ class DreamLLM(nn.Module):
     def trainable_groups(self):
         # what a training stage may choose to train; CLIP, the VAE and the UNet are in none.
         # "new_tokens" holds whole matrices (shared with "llm"): a trainer masks their gradient to
-        # the rows >= n_text_vocab when it trains them without the LLM.
+        # the rows >= n_text_vocab when it trains them without the LLM. The condition's bridge is
+        # one group: the projector, and the mapper after it where the model has one.
         emb, head = self.llm.model.embed_tokens.weight, self.llm.lm_head.weight
+        bridge = [self.condition_projector, self.condition_mapper or nn.Identity()]
         return {"dream_queries": [self.dream_queries],
-                "condition_projector": list(self.condition_projector.parameters()),
+                "condition_projector": [p for m in bridge for p in m.parameters()],
                 "visual_projector": list(self.visual_projector.parameters()),
                 "new_tokens": [emb] if self.llm.cfg.tie_embeddings else [emb, head],
                 "llm": list(self.llm.parameters())}
@@ -351,8 +408,9 @@ class DreamLLM(nn.Module):
                 if not self.llm.cfg.tie_embeddings:
                     out["new_tokens.lm_head"] = (self.llm.lm_head.weight, n)
             elif group in self.trainable_groups():
+                prefixes = (group, "condition_mapper") if group == "condition_projector" else (group,)
                 out |= {k: (p, 0) for k, p in self.named_parameters()
-                        if k == group or k.startswith(group + ".")}
+                        if k.split(".")[0] in prefixes}
             else:
                 have = ", ".join(self.trainable_groups())
                 raise ValueError(f"unknown group {group!r} (have {have})")
@@ -431,7 +489,7 @@ class DreamLLM(nn.Module):
         # -> (the image, the last hidden state (1, D))
         dream = torch.tensor([self.dream_slot()[:-1]], device=self.device)  # <dream_start> + K
         hq = self.llm.hidden_states(inputs_embeds=self.embed(dream), cache=cache)[:, 1:]  # (1,K,D)
-        image = self.sample_images(self.condition_projector(hq), **sampling)[0]
+        image = self.sample_images(self.to_context(hq), **sampling)[0]
         read = torch.tensor([self.dream_slot()[-1:] + self.read_slot()], device=self.device)
         x = self.embed(read, self.clip_pixels([image]))  # <dream_end> + the read slot
         return image, self.llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
@@ -466,6 +524,9 @@ PRESETS = {
     # 32 px CLIP (16 patches); a 4x VAE: 64 px images, 16 x 16 latents.
     "tiny": dict(llm="tiny", clip="clip-tiny-vision", sd="tiny",
                  config=DreamConfig(n_queries=8, image_size=64)),
+    # tiny, with CLIP's text tower: what the alignment objective regresses onto (alignment.py)
+    "tiny-text": dict(llm="tiny", clip="clip-tiny", sd="tiny",
+                      config=DreamConfig(n_queries=8, image_size=64)),
     # the shapes world's own pretrained backbones, loaded from weights/toy/ (made by
     # python -m weights.train_toy): a 4-layer LLaMA (dim 192), a 64 px CLIP (64 patches), a 4x VAE
     # and a UNet with a 128-wide context

@@ -30,10 +30,12 @@ def init_distributed(device):  # -> (rank, world size, this process's device)
 
 
 def batch_shares(batches, world, device):
-    # -> (len(batches), 2): each of this process's batches' share of the global micro-batch's label
-    # tokens and of its images with a diffusion loss (every process's counted): weighting the two
-    # losses of each batch by them makes the sum of all the gradients the global batch's
-    counts = torch.tensor([[(b["labels"][:, 1:] != -100).sum().item(), len(b.get("vae_pixels", ()))]
+    # -> (len(batches), 3): each of this process's batches' share of the global micro-batch's label
+    # tokens, of its images with a diffusion loss and of its pairs written (what the alignment and
+    # the anchor are taken over; every process's counted): weighting each batch's losses by them
+    # makes the sum of all the gradients the global batch's
+    counts = torch.tensor([[(b["labels"][:, 1:] != -100).sum().item(), len(b.get("vae_pixels", ())),
+                            len(b.get("pairs", ()))]
                            for b in batches], dtype=torch.float64, device=device)
     return (counts / all_sum(counts.sum(0), world).clamp(min=1)).float()
 

@@ -17,7 +17,7 @@ import cli
 import pages
 from cli import Stop
 
-COLOURS = {"lm": "#1f77b4", "diffusion": "#d62728", "anchor": "#2ca02c"}  # one per loss, everywhere
+COLOURS = {"lm": "#1f77b4", "diffusion": "#d62728", "align": "#9467bd", "anchor": "#2ca02c"}  # one per loss, everywhere
 GRIDS = [("Held-out single shapes", "eval_grid.png"), ("Two shapes", "eval_two_shapes.png")]
 
 

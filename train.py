@@ -10,7 +10,8 @@ groups train, the weights of the two losses, the learning rate and the mix of tr
 
 The loss: w_lm * CE(next token) + w_diffusion * |unet(z_t, t, c) - target|^2 (dreamllm.py returns the
 two terms, the stage weighs them), c the projected hidden states of the dream queries. CLIP, the
-VAE and the UNet never train.
+VAE and the UNet never train. (--objective align or both: the peers' alignment in place of the
+diffusion term or beside it, alignment.py.)
 
 A run's folder (--out) holds its newest checkpoint, step-<N>/ (checkpoint.py: written whole, then
 renamed, so a crash or a full disk at any moment leaves the last whole one). Example e of the run and
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import alignment
 import checkpoint
 import cli
 import data
@@ -119,10 +121,13 @@ PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_wei
              "anchor_weight", "stop_after")
 
 
+# the flags that set a DreamConfig field (default: the preset's recipe's, else the preset's own)
+DREAM_FLAGS = ("target", "min_snr_gamma", "cond_dropout", "dropout_null", "objective", "align_weight",
+               "align_distance", "bridge", "n_queries")
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
-            "data", "mix", "init", "target", "min_snr_gamma", "cond_dropout", "dropout_null", "diffusion_weight",
-            "lm_weight", "anchor_weight", "whiten", "n_queries")
+            "data", "mix", "init", "diffusion_weight", "lm_weight", "anchor_weight", "whiten",
+            *DREAM_FLAGS)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -176,6 +181,10 @@ def train(args):
         flips = [flip and random.Random(f"{args.seed}/flip/{e}/{j}").random() < 0.5 for e, j in dreamt]
         batch = model.collate(examples, diffusion=weights["diffusion"] > 0, flips=flips)
         batch["pairs"] = [k for k, (*_, layout, _) in enumerate(examples) if layout == "t2i"]
+        if weights["align"] > 0 and batch["pairs"]:  # what the alignment regresses pairs onto
+            slots = pair_slots(model, batch["input_ids"], batch["pairs"])
+            batch["captions"] = slots, [examples[k][0].split(data.IMAGE_TOKEN)[0].strip()
+                                        for k in batch["pairs"]]
         if "vae_pixels" in batch:
             gens = {e: torch.Generator().manual_seed(args.seed * 2**32 + e) for e, _ in dreamt}
             batch["noise"] = model.draw_noise([gens[e] for e, _ in dreamt])
@@ -199,24 +208,26 @@ def train(args):
             lr = lr_at(step, args)
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, 3 terms, stop
+            totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, 4 terms, stop
             for micro in range(args.grad_accum):
                 parts = get_parts(step * args.grad_accum + micro)
-                # each part's share of the global micro-batch's labels and images: 1, 1 for one
+                # each part's share of the global micro-batch's labels, images and pairs
                 for batch, share in zip(parts, parallel.batch_shares(parts, world, device)):
                     pairs = batch.pop("pairs")  # the rows of pairs written: what the anchor holds
                     with cli.autocast(device):
-                        if anchor is not None and pairs and "vae_pixels" in batch:
+                        if anchor is not None and pairs and {"vae_pixels", "captions"} & set(batch):
                             batch["anchor"] = anchor_targets(anchor, batch["input_ids"], pairs)
                         losses = model(**batch)
+                    zero = losses["diffusion"] * 0  # (a term the batch has none of)
                     terms = torch.stack([losses["lm"] * share[0], losses["diffusion"] * share[1],
-                                         losses.get("anchor", losses["diffusion"] * 0) * share[1]])
+                                         losses.get("align", zero) * share[2],
+                                         losses.get("anchor", zero) * share[2]])
                     loss = (terms * torch.tensor([weights[k] for k in TERMS], device=device)).sum()
                     if loss.requires_grad:  # (a batch may hold nothing this stage learns from)
                         (loss / args.grad_accum).backward()
-                    totals[:4] += torch.cat([loss[None], terms]).detach().double() / args.grad_accum
-            totals[4] = float(signals.received)
-            loss, lm, diffusion, anchored, stop = parallel.all_sum(totals, world).tolist()
+                    totals[:5] += torch.cat([loss[None], terms]).detach().double() / args.grad_accum
+            totals[5] = float(signals.received)
+            loss, lm, diffusion, aligned, anchored, stop = parallel.all_sum(totals, world).tolist()
             if not math.isfinite(loss):
                 raise Stop(f"step {step + 1}: the loss is {loss}; stopped ({ckpt.kept()})")
             parallel.sync_grads(params, world)
@@ -228,17 +239,17 @@ def train(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            ckpt.losses = dict(loss=loss, lm=lm, diffusion=diffusion, anchor=anchored)
+            ckpt.losses = dict(loss=loss, lm=lm, diffusion=diffusion, align=aligned, anchor=anchored)
+            shown = dict(lm=lm, diffusion=diffusion) | {k: ckpt.losses[k] for k in ("align", "anchor")
+                                                        if weights[k] > 0}
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4f}", lm=f"{lm:.3f}", diff=f"{diffusion:.4f}",
-                            **dict(anchor=f"{anchored:.4f}") if anchor else {})
+            bar.set_postfix(loss=f"{loss:.4f}", **{k[:5]: f"{v:.4f}" for k, v in shown.items()})
             if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                 rate = (step - first) / (time.perf_counter() - t0)
-                tqdm.write(f"step {step}/{args.steps}  loss {loss:.4f}  lm {lm:.4f}  diffusion "
-                           f"{diffusion:.4f}" + (f"  anchor {anchored:.4f}" if anchor else "") +
+                tqdm.write(f"step {step}/{args.steps}  loss {loss:.4f}  " +
+                           "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) +
                            f"  lr {lr:.2e}  {rate:.2f} steps/s")
-                log_metrics(out, dict(stage=args.stage, step=step, loss=loss, lm=lm,
-                                      diffusion=diffusion, anchor=anchored, lr=lr,
+                log_metrics(out, dict(stage=args.stage, step=step, **ckpt.losses, lr=lr,
                                       steps_per_s=rate, seconds=time.perf_counter() - t0))
             if step in (args.steps, args.stop_after) or step % args.save_every == 0 or stop:
                 with signals.saving():
@@ -252,16 +263,20 @@ def train(args):
 
 # ---------------------------------------------------------------------------------- around the loop
 
+def pair_slots(model, input_ids, rows):
+    # the dream slots of the batch's rows `rows`, as indices among all its dream slots: (m,)
+    per_row = model.slot_masks(input_ids)[0].sum(1) // model.config.n_queries  # dream slots
+    first = per_row.cumsum(0) - per_row
+    return torch.cat([torch.arange(first[r], first[r] + per_row[r]) for r in rows])
+
+
 @torch.no_grad()
 def anchor_targets(anchor, input_ids, rows):
     # The anchor: the model as the stage began. For the dream slots of `rows` (pairs written, what
     # stage I-creation aligned on): (their indices among the batch's dream slots, (m,), and the
     # anchor's condition for them, (m, K, C)). Documents and instructions are not held: a stage
     # may teach them to draw.
-    per_row = anchor.slot_masks(input_ids)[0].sum(1) // anchor.config.n_queries  # dream slots
-    first = per_row.cumsum(0) - per_row
-    slots = torch.cat([torch.arange(first[r], first[r] + per_row[r]) for r in rows])
-    return slots, anchor.slot_conditions(input_ids[rows])
+    return pair_slots(anchor, input_ids, rows), anchor.slot_conditions(input_ids[rows])
 
 
 def by_length(lengths, saving=0.4):
@@ -292,12 +307,24 @@ def lr_at(step, args):  # linear warmup from 0, then cosine down to final_lr x t
     return args.lr * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-TERMS = ("lm", "diffusion", "anchor")  # the loss's terms, each with its weight
+TERMS = ("lm", "diffusion", "align", "anchor")  # the loss's terms, each with its weight
 
 
-def loss_weights(args, stage):  # the stage's (as the preset's recipe has it), unless given as flags
-    given = {k: getattr(args, f"{k}_weight") for k in TERMS}
-    return {k: stage.get(f"{k}_weight", 0.0) if w is None else w for k, w in given.items()}
+def dream_variants(args):  # the DreamConfig fields a run sets: its flags over the recipe's
+    given = {k: getattr(args, k) for k in DREAM_FLAGS if getattr(args, k) is not None}
+    return recipe(args.preset)["dream"] | given
+
+
+def loss_weights(args, stage):
+    # the stage's (as the preset's recipe has it), unless given as flags. The creation loss's
+    # weight goes to the terms the objective has: w_diffusion (diffusion + align_weight * align)
+    w = {k: stage.get(f"{k}_weight", 0.0) if getattr(args, f"{k}_weight") is None
+         else getattr(args, f"{k}_weight") for k in ("lm", "diffusion", "anchor")}
+    dream = dreamllm.DreamConfig(**dream_variants(args))
+    creation = w["diffusion"]
+    w["diffusion"] = 0.0 if dream.objective == "align" else creation
+    w["align"] = 0.0 if dream.objective == "score" else creation * dream.align_weight
+    return w
 
 
 def example_source(args, stage):
@@ -359,10 +386,7 @@ def setup(args, stage, run, out, example, rank, world, device, weights):
         raise Stop(f"--batch-size {args.batch_size} (the global batch) is under the {world} processes")
     if args.fsdp and "llm" not in stage["groups"]:
         raise Stop(f"--fsdp shards the LLM, which stage {args.stage} does not train (drop --fsdp)")
-    variants = {k: getattr(args, k) for k in ("target", "min_snr_gamma", "cond_dropout", "dropout_null",
-                                              "n_queries")}  # n_queries: structural, fixed here
-    variants = recipe(args.preset)["dream"] | {k: v for k, v in variants.items() if v is not None}
-    model = cli.build_model(args.preset, seed=args.seed, **variants).to(device)
+    model = cli.build_model(args.preset, seed=args.seed, **dream_variants(args)).to(device)
     groups, inherited = list(stage["groups"]), []
     if args.init:  # start from another run (e.g. stage II from stage I) and keep what it trained
         init = checkpoint.read_run(args.init)
@@ -535,6 +559,16 @@ def parse_args(argv=None):
     loss.add_argument("--lm-weight", type=float, help="weight of the LM cross-entropy")
     loss.add_argument("--anchor-weight", type=float, help="weight of the anchor: the MSE of each "
                       "pair written's condition to the one the stage began with (ours; toy II, III: 10)")
+    loss.add_argument("--objective", choices=dreamllm.OBJECTIVES, help="the creation loss: score "
+                      "distillation through the UNet (DreamLLM's), align: regression onto the text "
+                      "encoder's states of the caption (GILL's; needs --bridge mapper), or both")
+    loss.add_argument("--align-weight", type=float, help="the alignment's weight beside the "
+                      "diffusion loss's (--objective both; default 1)")
+    loss.add_argument("--align-distance", choices=alignment.DISTANCES, help="the alignment's "
+                      "distance (default mse)")
+    loss.add_argument("--bridge", choices=dreamllm.BRIDGES, help="what the UNet reads: the K "
+                      "projected states, or GILL's mapper of them to the text encoder's L "
+                      "(structural; default projector)")
     loss.add_argument("--n-queries", type=int, help="K, the dream queries per image (structural: "
                       "the DreamConfig's n_queries; default: the preset's, 8 for toy)")
     args = p.parse_args(argv)
@@ -549,11 +583,15 @@ def parse_args(argv=None):
               ("min_snr_gamma", lambda v: v > 0, "> 0"),
               ("diffusion_weight", lambda v: v >= 0, ">= 0"),
               ("lm_weight", lambda v: v >= 0, ">= 0"),
-              ("anchor_weight", lambda v: v >= 0, ">= 0")]
+              ("anchor_weight", lambda v: v >= 0, ">= 0"),
+              ("align_weight", lambda v: v >= 0, ">= 0")]
     for name, ok, what in checks:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and ok(v)):
             p.error(f"--{name.replace('_', '-')} {v}: must be {what}")
+    if args.objective not in (None, "score") and args.bridge != "mapper":
+        p.error(f"--objective {args.objective} compares the condition with the text encoder's "
+                "states, L of them: give --bridge mapper too")
     if args.stage != "all" and args.steps is None:
         args.steps = dict(CURRICULA.get(args.preset, [])).get(args.stage, 3000)
     return args

@@ -99,6 +99,12 @@ def test_the_studies_say_what_the_brief_asks(capsys, tmp_path):
     stages = [(a.stage, a.mix) for a in (train.parse_args(shlex.split(x)[2:]) for x in lines)]
     assert stages == [("I-creation", None), ("I-comprehension", None), ("II", "t2i"),
                       ("II", "i2t,vqa"), ("II", "t2i,i2t,vqa")]
+    lines = dry(["objective", "--seeds", "1", "--out", str(tmp_path / "o")], capsys)
+    arms = [(a.objective, a.bridge, a.align_distance)
+            for a in (train.parse_args(shlex.split(x)[2:]) for x in lines)]
+    assert arms == [("score", "projector", None), ("score", "mapper", None),
+                    ("align", "mapper", None), ("align", "mapper", "cosine"),
+                    ("both", "mapper", None)]
 
 
 def test_dry_run_of_a_grid(capsys, tmp_path):
@@ -127,8 +133,6 @@ def test_dry_run_of_a_grid(capsys, tmp_path):
     (["--grid", "--init {start}"], 2, "{start} names no base run"),
     (["variants", "--eval-sizes", "--images 0"], 2, "--images must be at least 1"),
     (["variants", "--eval-sizes", "--ckpt x"], 2, "unrecognized arguments: --ckpt"),
-    (["objective"], 1, "the alignment objective does not exist in dreamllm.py"),
-    (["objective", "--dry-run"], 1, "the alignment objective does not exist in dreamllm.py"),
 ])
 def test_bad_input_is_one_line(argv, code, says, capsys, tmp_path):
     line = fails([*argv, "--out", str(tmp_path / "s")], capsys, code)

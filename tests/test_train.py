@@ -394,9 +394,10 @@ def test_the_anchor_holds_the_condition_to_the_one_the_stage_began_with(tmp_path
     assert 0 < moved["anchored"] < moved["free"] / 4, moved
 
 
-def test_a_micro_batch_cut_by_length_gives_the_same_losses(tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", ["score", "both"])
+def test_a_micro_batch_cut_by_length_gives_the_same_losses(objective, tmp_path, monkeypatch):
     # documents, pairs written and read: cut in two by length, each part weighed by its share of
-    # the labels and images, the losses are the whole batch's (to float rounding)
+    # the labels, images and pairs, the losses are the whole batch's (to float rounding)
     lengths = [300, 20, 80, 280, 22, 78]
     parts = train.by_length(lengths)
     assert sorted(k for p in parts for k in p) == list(range(6)) and len(parts) == 2
@@ -404,6 +405,9 @@ def test_a_micro_batch_cut_by_length_gives_the_same_losses(tmp_path, monkeypatch
     assert train.by_length([20, 22, 25, 28]) == [range(4)]  # alike: one batch
     flags = FAST + ["--stage", "II", "--steps", "1", "--batch-size", "6",
                     "--mix", "document,t2i,i2t"]
+    if objective == "both":  # the alignment too, and its null (at the condition dropout's rate)
+        flags += ["--preset", "tiny-text", "--objective", "both", "--bridge", "mapper",
+                  "--cond-dropout", "0.1"]
     cuts, by_length = [], train.by_length
     monkeypatch.setattr(train, "by_length", lambda lengths: cuts.append(by_length(lengths)) or cuts[-1])
     train.main(flags + ["--out", str(tmp_path / "cut")])
@@ -412,7 +416,7 @@ def test_a_micro_batch_cut_by_length_gives_the_same_losses(tmp_path, monkeypatch
     train.main(flags + ["--out", str(tmp_path / "whole")])
     cut, whole = ([json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
                   for n in ("cut", "whole"))
-    for key in ("loss", "lm", "diffusion"):
+    for key in ("loss", "lm", "diffusion") + (("align",) if objective == "both" else ()):
         assert cut[0][key] == pytest.approx(whole[0][key], rel=1e-5) and whole[0][key] > 0
 
 

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+import alignment
 import cli
 import clip
 import data
@@ -142,12 +143,8 @@ class Pool:
         return [data.caption(self.scenes[i], random.Random(f"{self.seed}/{step}/{i}")) for i in idx]
 
 
-def encode_text(tok, texts, length=TEXT_LEN, device="cpu"):
-    # CLIP-style: <s> text </s>, right-padded with <pad> to a fixed length (no attention mask needed:
-    # the text tower is causal, so no real token sees the padding)
-    bos, eos, pad = (tok.token_to_id(s) for s in SPECIALS[:3])
-    rows = [[bos] + tok.encode(t, add_special_tokens=False).ids[:length - 2] + [eos] for t in texts]
-    return torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
+def encode_text(tok, texts, length=TEXT_LEN, device="cpu"):  # (B,) -> (B, length): alignment.py's
+    return alignment.text_ids(tok, texts, length).to(device)
 
 
 def single_shape_scenes(seed, n):  # held-apart fresh scenes of one shape, for evaluation
