@@ -17,8 +17,9 @@ process (one thread each, --jobs at once) and then benchmarked into <run>/eval/.
 command again to go on: a run at its final step is skipped, one begun is continued (--resume), an
 evaluation newer than its checkpoint (of the same sizes) is kept. Ctrl-C: every run saves and stops.
 Written to --out: results.json (every run's rows; per variant the mean over seeds and the pooled
-counts, each with a 95% interval), results.md (the table), results.html (the table, the loss curves
-per variant, each variant's held-out grid).
+counts, each with a 95% interval, and its difference from the first variant seed by seed),
+results.md (the three tables), results.html (the tables, the loss curves per variant, each
+variant's held-out grid).
 """
 import html
 import io
@@ -56,7 +57,8 @@ BOTH = ["create: held-out shape, both", "create: two shapes bound and placed", "
 # rest at one item each: about 45 s a run on one thread, not 60+
 CREATION_EVAL = "--questions 1 --captions 1 --documents 1"
 
-# A study: its runs as data. "runs": (variant, train.py flags), each trained from every seed;
+# A study: its runs as data. "runs": (variant, train.py flags), each trained from every seed, the
+# first the reference the others are compared with seed by seed;
 # "base": runs made first, per seed, that a variant starts from by naming it, e.g. --init {start}
 # (each base sees the bases before it); "rows": the benchmark's rows its table shows; "eval": its
 # benchmark.py flags. Each is sized for 3 seeds in about 45 min on 2 cores (the toy trains stage
@@ -103,11 +105,11 @@ STUDIES = {
     "objective": dict(
         question="Does score distillation draw better than alignment to the text encoder?",
         common="--preset toy --stage I-creation --steps 600",
-        runs=[("score-projector", "--objective score --bridge projector"),
-              ("score", "--objective score --bridge mapper"),
+        runs=[("score", "--objective score --bridge mapper"),
               ("align", "--objective align --bridge mapper"),
               ("align-cosine", "--objective align --bridge mapper --align-distance cosine"),
-              ("both", "--objective both --bridge mapper")],
+              ("both", "--objective both --bridge mapper"),
+              ("score-projector", "--objective score --bridge projector")],
         rows=CREATION, eval=CREATION_EVAL),
 }
 GRID_ROWS = BOTH  # a grid's table, unless --rows
@@ -399,9 +401,9 @@ def t975(df):
             + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
-def t_interval(values):
-    # the seeds' values (one per run) -> (mean, low, high), clipped to [0, 1] (a proportion);
-    # one value: no spread to measure, no interval
+def t_interval(values, lowest=0.0):
+    # the seeds' values (one per run) -> (mean, low, high), clipped to [lowest, 1] (a proportion,
+    # or with lowest -1 a difference of two); one value: no spread to measure, no interval
     if not values:
         return None, None, None
     n, mean = len(values), sum(values) / len(values)
@@ -409,7 +411,7 @@ def t_interval(values):
         return mean, None, None
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t975(n - 1) * sd / math.sqrt(n)
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
+    return mean, max(lowest, mean - half), min(1.0, mean + half)
 
 
 def summarise(rows_by_seed):
@@ -435,6 +437,21 @@ def summarise(rows_by_seed):
     return out
 
 
+def paired(per_run, variant, reference):
+    # [{variant, seed, rows}] -> per row name, the variant's value minus the reference's at each
+    # seed both were measured at, with a t interval of those differences. Runs of one seed share
+    # the data's order and the noise, so much of what a seed changes cancels: a difference the
+    # seeds' own intervals cannot tell apart may show here
+    value = {(r["variant"], r["seed"], row["name"]): row["value"] for r in per_run
+             for row in r["rows"] or [] if row["n"] and row["value"] is not None}
+    diffs = {}
+    for (v, seed, name), x in value.items():
+        if v == variant and (reference, seed, name) in value:
+            diffs.setdefault(name, []).append(x - value[reference, seed, name])
+    return [dict(zip(("name", "n", "mean", "low", "high"), (name, len(d), *t_interval(d, -1.0))))
+            for name, d in diffs.items()]
+
+
 # ------------------------------------------------------------------------------------ results
 
 def collect(runs, title, question, rows, request=None):
@@ -455,43 +472,54 @@ def collect(runs, title, question, rows, request=None):
         mine = [r for r in per_run if r["variant"] == name]
         done = [r for r in mine if r["rows"] is not None]
         variants[name] = dict(name=name, seeds=[r["seed"] for r in done], of=len(mine),
-                              rows=summarise([r["rows"] for r in done]))
+                              rows=summarise([r["rows"] for r in done]),
+                              paired=paired(per_run, name, next(iter(variants))))
     found = list(dict.fromkeys(r["name"] for run in per_run for r in run["rows"] or []))
     columns = list(dict.fromkeys(n for x in rows for n in found if n.startswith(x)))
     return dict(title=title, question=question, table_rows=columns if found else list(rows),
                 runs=per_run, variants=list(variants.values()))
 
 
-def cell(stats, pooled):  # "0.53 [0.41, 0.65]"; "-" for nothing measured
-    value = stats["value"] if pooled else stats["mean"]
+def cell(stats, kind):  # "0.53 [0.41, 0.65]", "+0.12 [+0.02, +0.22]"; "-" for nothing measured
+    value = stats["value"] if kind == "pooled" else stats["mean"]
     if value is None:
         return "-"
-    interval = "[-]" if stats["low"] is None else f"[{stats['low']:.2f}, {stats['high']:.2f}]"
-    return f"{value:.2f} {interval}" + (f" n={stats['n']}" if pooled else "")
+    f = "+.2f" if kind == "paired" else ".2f"
+    interval = "[-]" if stats["low"] is None else f"[{stats['low']:{f}}, {stats['high']:{f}}]"
+    return f"{value:{f}} {interval}" + (f" n={stats['n']}" if kind == "pooled" else "")
 
 
-def table(results, pooled=False):
-    # -> [header, then one row per variant]: cells for results["table_rows"]
+def table(results, kind="seeds"):
+    # -> [header, then one row per variant]: cells for results["table_rows"]; kind: "seeds",
+    # "pooled" or "paired" (each variant but the first, minus the first)
     head = ["variant", "seeds", *results["table_rows"]]
     body = []
-    for v in results["variants"]:
-        by_name = {r["name"]: r["pooled" if pooled else "seeds"] for r in v["rows"]}
+    for v in results["variants"][1:] if kind == "paired" else results["variants"]:
+        by_name = {r["name"]: r for r in v["paired"]} if kind == "paired" else \
+            {r["name"]: r[kind] for r in v["rows"]}
         seeds = f"{len(v['seeds'])}" + ("" if len(v["seeds"]) == v["of"] else f" of {v['of']}")
-        body.append([v["name"], seeds, *(cell(by_name[n], pooled) if n in by_name else "-"
+        body.append([v["name"], seeds, *(cell(by_name[n], kind) if n in by_name else "-"
                                          for n in results["table_rows"])])
     return [head, *body]
 
 
-SEEDS_SAYS = "mean over seeds [95% t interval: what another seed would give]"
-POOLED_SAYS = "pooled over seeds [95% Wilson interval of the summed counts: the items' noise only]"
+SAYS = {"seeds": "mean over seeds [95% t interval: what another seed would give]",
+        "pooled": "pooled over seeds [95% Wilson interval of the summed counts: the items' noise "
+                  "only]",
+        "paired": "minus {first}, seed by seed [95% t interval of the differences]"}
+
+
+def says(results, kind):
+    return SAYS[kind].format(first=results["variants"][0]["name"] if results["variants"] else "")
 
 
 def markdown(results):
     lines = [f"# {results['title']}", "", results["question"], ""]
-    for says, pooled in ((SEEDS_SAYS, False), (POOLED_SAYS, True)):
-        head, *rows = table(results, pooled)
+    for kind in SAYS:
+        head, *rows = table(results, kind)
         line = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-        lines += [f"{says}:", "", line(head), "|" + "---|" * len(head), *map(line, rows), ""]
+        lines += [f"{says(results, kind)}:", "", line(head), "|" + "---|" * len(head),
+                  *map(line, rows), ""]
     return "\n".join(lines)
 
 
@@ -500,15 +528,15 @@ def page(results, runs, out):
     # path relative to `out`
     e = html.escape
     body = [f"<h1>{e(results['title'])}</h1><p>{e(results['question'])}</p>"]
-    for says, pooled in ((SEEDS_SAYS, False), (POOLED_SAYS, True)):
-        head, *rows = table(results, pooled)
-        body.append(f"<p>{e(says)}</p>" + pages.table(head, rows))
+    for kind in SAYS:
+        head, *rows = table(results, kind)
+        body.append(f"<p>{e(says(results, kind))}</p>" + pages.table(head, rows))
     names = list(dict.fromkeys(r.variant for r in runs))  # bases first, then the variants
     body.append("<h2>Training: the losses, a line per seed</h2>")
     for name in names:
         metrics = {r.seed: report.read_metrics(r.folder) for r in runs if r.variant == name}
-        for loss in ("diffusion", "lm"):
-            series = {f"seed {s}": [(step, m[loss]) for step, m in ms.items()]
+        for loss in ("diffusion", "align", "lm"):
+            series = {f"seed {s}": [(step, m.get(loss, 0)) for step, m in ms.items()]
                       for s, ms in metrics.items()}
             if any(y > 0 for pts in series.values() for _, y in pts):
                 body.append(report.svg_curves(series, f"{name}: {loss} loss"))

@@ -102,9 +102,9 @@ def test_the_studies_say_what_the_brief_asks(capsys, tmp_path):
     lines = dry(["objective", "--seeds", "1", "--out", str(tmp_path / "o")], capsys)
     arms = [(a.objective, a.bridge, a.align_distance)
             for a in (train.parse_args(shlex.split(x)[2:]) for x in lines)]
-    assert arms == [("score", "projector", None), ("score", "mapper", None),
-                    ("align", "mapper", None), ("align", "mapper", "cosine"),
-                    ("both", "mapper", None)]
+    assert arms == [("score", "mapper", None), ("align", "mapper", None),
+                    ("align", "mapper", "cosine"), ("both", "mapper", None),
+                    ("score", "projector", None)]
 
 
 def test_dry_run_of_a_grid(capsys, tmp_path):
@@ -192,7 +192,7 @@ def test_tables_on_fake_results(tmp_path):
     md = (out / "results.md").read_text().splitlines()
     assert md[:3] == ["# a title", "", "a question?"]
     head = "| variant | seeds | VQA all | VQA colour |"
-    assert md.count(head) == 2  # the seeds' table, the pooled one
+    assert md.count(head) == 3  # the seeds' table, the pooled one, the differences from the first
     i = md.index(head)
     assert md[i + 1] == "|---|---|---|---|"
     # v|1: 0.5 and 0.7: mean 0.6, half-width 12.706 * 0.141421 / sqrt(2) = 1.2706: clipped
@@ -200,6 +200,9 @@ def test_tables_on_fake_results(tmp_path):
     assert md[i + 3] == "| v2 | 1 of 2 | 0.20 [-] | 0.50 [-] |"  # one seed: no interval
     j = md.index(head, i + 1)
     assert md[j + 2].startswith("| v\\|1 | 2 | 0.60 [0.39, 0.78] n=20 |")  # 12 of 20, Wilson
+    k = md.index(head, j + 1)  # v2 - v|1 at the one seed both have: 0.2 - 0.5, no interval
+    assert md[k - 2] == "minus v|1, seed by seed [95% t interval of the differences]:"
+    assert md[k + 2:] == ["| v2 | 1 of 2 | -0.30 [-] | +0.00 [-] |"]  # the first is not compared
     saved = json.loads((out / "results.json").read_text())
     assert [(r["variant"], r["seed"], r["rows"] is not None) for r in saved["runs"]] == [
         ("v|1", 0, True), ("v|1", 1, True), ("v2", 0, True), ("v2", 1, False)]
