@@ -5,6 +5,7 @@ combinations that training never showed (data.HELD_OUT, split "eval").
 
     python benchmark.py --ckpt out/toy --out out/eval      # a train.py run: about a minute
     python benchmark.py --untrained                         # the toy preset as built: the baseline
+    python benchmark.py --text-encoder                      # the toy SD from its own text states
     python benchmark.py --quick                             # a few of each, to see it run
     python sample.py --eval                                 # the same, from sample.py
 
@@ -109,28 +110,33 @@ def largest(found):  # analyse_scene's largest shape, or None: a single-shape pr
     return max(found, key=lambda f: f.pixels, default=None)
 
 
-def draw_all(model, prompts, k, sampling, g, desc):
-    # k images per prompt, in batches of BATCH across prompts -> [[PIL image] * k] per prompt
-    context = torch.cat([model.condition(p).expand(k, -1, -1) for p in prompts])  # (n k, K, C)
+def draw_all(model, prompts, k, sampling, g, desc, condition=None):
+    # k images per prompt, in batches of BATCH across prompts -> [[PIL image] * k] per prompt.
+    # condition: prompt -> (1, K, C), the LLM's (model.condition) unless given; CFG's null is
+    # its condition of the negative prompt
+    condition = condition or model.condition
+    context = torch.cat([condition(p).expand(k, -1, -1) for p in prompts])  # (n k, K, C)
+    null = condition(sampling["negative"])
     images = []
     for i in tqdm(range(0, len(context), BATCH), desc=desc, unit="batch", disable=None):
         images += model.sample_images(context[i:i + BATCH], generator=g, progress=False,
-                                      **sampling)
+                                      null=null, **sampling)
     return [images[i:i + k] for i in range(0, len(images), k)]
 
 
 # ------------------------------------------------------------------------------------- creation
 
-def create(model, sizes, sampling, seed):
+def create(model, sizes, sampling, seed, condition=None):
     # -> rows, details, grids: held-out single shapes, two shapes bound and placed, counts
+    # (condition: as draw_all's)
     singles = data.eval_prompts()  # [(prompt, colour, shape)]
     scenes = [data.random_scene(random.Random(f"{seed}/benchmark/two/{i}"), "eval", n_shapes=2)
               for i in range(sizes.two_shapes)]
     twos = [data.caption(s, form="no size") for s in scenes]  # "a red circle on the left and ..."
     drawn = draw_all(model, [p for p, _, _ in singles], sizes.images, sampling, generator(seed, 0),
-                     "create: single shapes")
+                     "create: single shapes", condition)
     drawn_two = draw_all(model, twos, sizes.two_shape_images, sampling, generator(seed, 1),
-                         "create: two shapes")
+                         "create: two shapes", condition)
     single, counts = [], []
     for (prompt, colour, shape), images in zip(singles, drawn):
         for im in images:
@@ -298,14 +304,16 @@ def page(report):
     body = [f"<h1>DreamLLM on the shapes world</h1><p>{html.escape(report['about'])}</p>",
             pages.rows_table(report["rows"]),
             '<h2>Creation: held-out shapes</h2><img src="eval_grid.png">',
-            '<h2>Creation: two shapes</h2><img src="eval_two_shapes.png">',
-            "<h2>VQA</h2>" + pages.table(["question", "answer", "reply"],
+            '<h2>Creation: two shapes</h2><img src="eval_two_shapes.png">']
+    if "vqa" not in d:  # --text-encoder: the creation rows alone
+        return pages.page("DreamLLM benchmark", body)
+    body += ["<h2>VQA</h2>" + pages.table(["question", "answer", "reply"],
                                           [[q["question"], q["answer"], q["reply"]] for q in d["vqa"]],
                                           marks=[mark(q) for q in d["vqa"]]),
-            "<h2>Captions</h2>" + pages.table(["the picture", "the model's caption"],
+             "<h2>Captions</h2>" + pages.table(["the picture", "the model's caption"],
                                                [[c["truth"], c["caption"]] for c in d["captions"]],
                                                marks=[mark(c) for c in d["captions"]]),
-            "<h2>Documents</h2>"]
+             "<h2>Documents</h2>"]
     for doc in d["documents"]:
         verdict = ", ".join(f"{' '.join(c['claim'].values())}: {'true' if c['true'] else 'false'}"
                             for c in doc["statements"]) or "no statement about a picture"
@@ -320,19 +328,23 @@ def mark(item):  # a judged item's row class in eval.html
 
 
 @torch.no_grad()
-def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None):
+def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
+              text_encoder=False):
     # -> the rows; writes eval.json, eval.html, the grids and the documents' PNGs into `out`.
     # sampling: SAMPLING's keys (None: SAMPLING); sizes: Sizes (None: its defaults); meta: what
-    # eval.json records of the run
+    # eval.json records of the run; text_encoder: no LLM, the creation rows drawn from the text
+    # encoder's own states of each prompt, E(prompt), as SD was trained: the ceiling of drawing
     sampling, sizes, out, start = sampling or SAMPLING, sizes or Sizes(), Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    rows, details, grids = create(model, sizes, sampling, seed)
-    more, details["vqa"] = vqa(model, sizes, seed, beams)
-    rows += more
-    more, details["captions"] = captions(model, sizes, seed)
-    rows += more
-    more, details["documents"] = documents(model, sizes, sampling, seed, out)
-    rows += more
+    rows, details, grids = create(model, sizes, sampling, seed,
+                                  (lambda p: model.text_states([p])) if text_encoder else None)
+    if not text_encoder:  # the rest needs the LLM
+        parts = [("vqa", lambda: vqa(model, sizes, seed, beams)),
+                 ("captions", lambda: captions(model, sizes, seed)),
+                 ("documents", lambda: documents(model, sizes, sampling, seed, out))]
+        for name, part in parts:
+            more, details[name] = part()
+            rows += more
     for name, rows_of_images in grids.items():
         grid(rows_of_images).save(out / name)
     seconds = time.time() - start
@@ -349,6 +361,11 @@ def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None)
 
 def load(args):
     # -> (model, what eval.json records of it): a train.py run, or the preset as built
+    if args.text_encoder:
+        model = cli.build_model(args.preset, seed=args.seed)
+        if model.clip.config.text is None:
+            raise cli.Stop(f"--text-encoder: preset {args.preset} has no text encoder (toy has)")
+        return model, dict(model=f"{args.preset}'s SD, drawn from its text encoder's states")
     if args.untrained:
         return cli.build_model(args.preset, seed=args.seed), dict(model=f"{args.preset}, untrained")
     _, run = checkpoint.read_final(args.ckpt)  # a curriculum's folder: its last stage trained
@@ -368,7 +385,10 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/toy", help="a train.py run's folder, or a "
                    "curriculum's (its last stage)")
     p.add_argument("--untrained", action="store_true", help="no checkpoint: --preset as built")
-    p.add_argument("--preset", default="toy", help="--untrained's preset")
+    p.add_argument("--text-encoder", action="store_true", help="no LLM: --preset's SD drawn "
+                   "from its own text encoder's states of each prompt, as it was trained (the "
+                   "ceiling of the creation rows; those rows only)")
+    p.add_argument("--preset", default="toy", help="the preset of --untrained, --text-encoder")
     p.add_argument("--out", default="out/eval", help="folder for eval.json, eval.html, the PNGs")
     p.add_argument("--seed", type=int, default=0, help="the items and the noise")
     p.add_argument("--quick", action="store_true", help="a few of each (QUICK), to see it run")
@@ -394,7 +414,8 @@ def main(argv=None):
         model, meta = load(args)
         model = model.to(device).eval()
         with cli.autocast(device):
-            benchmark(model, args.out, args.seed, sampling, sizes, meta=meta)
+            benchmark(model, args.out, args.seed, sampling, sizes, meta=meta,
+                      text_encoder=args.text_encoder)
     cli.main(run, "benchmark.py")
 
 

@@ -340,14 +340,22 @@ class DreamLLM(nn.Module):
         # condition for the null (cond_dropout), the null is aligned to E(""), SD's own null, at
         # that rate: what classifier-free guidance samples with.
         p = self.config.cond_dropout
-        with torch.no_grad():
-            ids = alignment.text_ids(self.tokenizer, [*captions, ""], self.clip.config.text.n_positions)
-            target = self.clip.text_hidden_states(ids.to(self.device))  # (m + 1, L, C)
+        target = self.text_states([*captions, ""])  # (m + 1, L, C)
         loss = alignment.distance(context, target[:-1], self.config.align_distance)
         if p > 0:
             null = alignment.distance(self.null_condition(), target[-1:], self.config.align_distance)
             loss = (1 - p) * loss + p * null
         return loss
+
+    @torch.no_grad()
+    def text_states(self, captions):
+        # E(caption): the frozen text encoder's token states, what SD itself is conditioned on and
+        # the alignment regresses onto; (n,) captions -> (n, L, C)
+        if self.clip.config.text is None:
+            raise ValueError("this CLIP has no text tower: no text states (a preset with one: toy, "
+                             "tiny-text)")
+        ids = alignment.text_ids(self.tokenizer, list(captions), self.clip.config.text.n_positions)
+        return self.clip.text_hidden_states(ids.to(self.device))
 
     def diffusion_loss(self, context, vae_pixels, noise):
         # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features
@@ -438,9 +446,10 @@ class DreamLLM(nn.Module):
 
     @torch.no_grad()
     def sample_images(self, context, steps=50, guidance=7.5, sampler="ddim", generator=None,
-                      progress=True, negative=""):
+                      progress=True, negative="", null=None):
         # context (n, K, C) -> n PIL images: the frozen SD draws them; CFG's null from `negative`
-        null = None if guidance == 1 else self.null_condition(negative)
+        # (or `null`, (1, K, C), given)
+        null = None if guidance == 1 else self.null_condition(negative) if null is None else null
         return diffusion.sample_cfg(self.unet, self.vae, self.scheduler_config, context, null,
                                     self.config.image_size, steps, guidance, sampler, generator,
                                     progress)

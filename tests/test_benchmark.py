@@ -8,11 +8,13 @@ import random
 import re
 
 import pytest
+import torch
 from PIL import Image
 
 import benchmark
 import cli
 import data
+import dreamllm
 import judge
 import sample
 import train
@@ -166,7 +168,7 @@ def oracle(model, monkeypatch, paint):
         return data.Shape(claim["color"], claim["shape"], claim.get("size", "large"),
                           claim.get("position", "in the middle"))
 
-    def draw_all(model, prompts, k, sampling, g, desc):
+    def draw_all(model, prompts, k, sampling, g, desc, condition=None):
         return [[paint(data.Scene(tuple(map(shape_of, judge.parse_caption(p)))))] * k
                 for p in prompts]
     answers = {}
@@ -212,6 +214,31 @@ def test_main_untrained_and_bad_input(tmp_path, capsys):
             benchmark.main(argv + ["--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == code and len(err) == 1 and says in err[0], err
+
+
+def test_text_encoder_draws_from_e_of_each_prompt_and_judges_creation_only(tmp_path, capsys,
+                                                                           monkeypatch):
+    # --text-encoder: no LLM; SD drawn from its own text encoder's states E(prompt), null E("")
+    seen, sample = [], dreamllm.DreamLLM.sample_images
+
+    def recording(self, context, **kw):
+        seen.append((self, context, kw["null"]))
+        return sample(self, context, **kw)
+    monkeypatch.setattr(dreamllm.DreamLLM, "sample_images", recording)
+    benchmark.main(["--text-encoder", "--preset", "tiny-text", "--quick", "--steps", "2",
+                    "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["name"] for r in report["rows"]] == [r for r in ROWS if r.startswith("create:")]
+    assert "text encoder" in report["model"]
+    model, context, null = seen[0]
+    first = data.eval_prompts()[0][0]
+    assert torch.equal(context[0], model.text_states([first])[0])
+    assert torch.equal(null, model.text_states([""]))
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--text-encoder", "--preset", "tiny", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "no text encoder" in err[0], err
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- sample.py's hooks
