@@ -85,6 +85,9 @@ class DreamConfig:
     dropout_null: str = "patches"       # that null: the LLM's states over the raw <im_patch>
                                         # embeddings (official) | "queries": over the dream queries
                                         # after an empty prompt, the null CFG samples with
+    lm_mean: str = "token"              # the LM loss: a mean over the batch's labelled tokens
+                                        # (official, LLaVA's) | "example": of each example's mean,
+                                        # so a 2-token answer weighs as much as a document
     # the creation objective (alignment.py; sweep.py objective compares them). The stage's
     # diffusion weight weighs the creation loss: w (diffusion + align_weight * align), each term
     # as the objective has it
@@ -120,6 +123,7 @@ class DreamLLM(nn.Module):
         if config.target not in diffusion.SPACES:
             raise ValueError(f"DreamConfig.target {config.target!r}: one of {diffusion.SPACES}")
         for field, allowed in (("objective", OBJECTIVES), ("bridge", BRIDGES),
+                               ("lm_mean", ("token", "example")),
                                ("align_distance", alignment.DISTANCES)):
             if getattr(config, field) not in allowed:
                 raise ValueError(f"DreamConfig.{field} {getattr(config, field)!r}: one of {allowed}")
@@ -304,8 +308,11 @@ class DreamLLM(nn.Module):
         losses = dict(lm=zero, diffusion=zero)
         if (labels[:, 1:] != -100).any():
             logits = self.llm.lm_head(h[:, :-1]).float()  # position i predicts token i + 1
-            targets = labels[:, 1:].flatten()
-            losses["lm"] = F.cross_entropy(logits.flatten(0, 1), targets, ignore_index=-100)
+            ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                 reduction="none")  # (B, T - 1), 0 where no label
+            n = (labels[:, 1:] != -100).sum(1)  # (B,) labelled tokens per example
+            losses["lm"] = ce.sum() / n.sum() if self.config.lm_mean == "token" else \
+                (ce.sum(1)[n > 0] / n[n > 0]).mean()
         if vae_pixels is None and captions is None:
             return losses
         context = self.slot_conditions(input_ids, h=h)  # (n, K, C), or (n, L, C) through a mapper

@@ -29,12 +29,16 @@ def init_distributed(device):  # -> (rank, world size, this process's device)
     return dist.get_rank(), world, device
 
 
-def batch_shares(batches, world, device):
-    # -> (len(batches), 3): each of this process's batches' share of the global micro-batch's label
-    # tokens, of its images with a diffusion loss and of its pairs written (what the alignment and
-    # the anchor are taken over; every process's counted): weighting each batch's losses by them
-    # makes the sum of all the gradients the global batch's
-    counts = torch.tensor([[(b["labels"][:, 1:] != -100).sum().item(), len(b.get("vae_pixels", ())),
+def batch_shares(batches, world, device, lm_mean="token"):
+    # -> (len(batches), 3): each of this process's batches' share of the global micro-batch's
+    # labelled tokens (lm_mean "example": of its examples with a label), of its images with a
+    # diffusion loss and of its pairs written (what the alignment and the anchor are taken over;
+    # every process's counted): weighting each batch's losses by them makes the sum of all the
+    # gradients the global batch's
+    def labelled(labels):
+        has = labels[:, 1:] != -100
+        return (has.sum() if lm_mean == "token" else has.any(1).sum()).item()
+    counts = torch.tensor([[labelled(b["labels"]), len(b.get("vae_pixels", ())),
                             len(b.get("pairs", ()))]
                            for b in batches], dtype=torch.float64, device=device)
     return (counts / all_sum(counts.sum(0), world).clamp(min=1)).float()

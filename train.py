@@ -122,8 +122,8 @@ PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_wei
 
 
 # the flags that set a DreamConfig field (default: the preset's recipe's, else the preset's own)
-DREAM_FLAGS = ("target", "min_snr_gamma", "cond_dropout", "dropout_null", "objective", "align_weight",
-               "align_distance", "bridge", "n_queries")
+DREAM_FLAGS = ("target", "min_snr_gamma", "cond_dropout", "dropout_null", "lm_mean", "objective",
+               "align_weight", "align_distance", "bridge", "n_queries")
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
             "data", "mix", "init", "diffusion_weight", "lm_weight", "anchor_weight", "whiten",
@@ -212,7 +212,8 @@ def train(args):
             for micro in range(args.grad_accum):
                 parts = get_parts(step * args.grad_accum + micro)
                 # each part's share of the global micro-batch's labels, images and pairs
-                for batch, share in zip(parts, parallel.batch_shares(parts, world, device)):
+                shares = parallel.batch_shares(parts, world, device, model.config.lm_mean)
+                for batch, share in zip(parts, shares):
                     pairs = batch.pop("pairs")  # the rows of pairs written: what the anchor holds
                     with cli.autocast(device):
                         if anchor is not None and pairs and {"vae_pixels", "captions"} & set(batch):
@@ -250,6 +251,7 @@ def train(args):
                            "  ".join(f"{k} {v:.4f}" for k, v in shown.items()) +
                            f"  lr {lr:.2e}  {rate:.2f} steps/s")
                 log_metrics(out, dict(stage=args.stage, step=step, **ckpt.losses, lr=lr,
+                                      grad_norm=norm.item(),  # before clipping to 1
                                       steps_per_s=rate, seconds=time.perf_counter() - t0))
             if step in (args.steps, args.stop_after) or step % args.save_every == 0 or stop:
                 with signals.saving():
@@ -559,6 +561,8 @@ def parse_args(argv=None):
     loss.add_argument("--lm-weight", type=float, help="weight of the LM cross-entropy")
     loss.add_argument("--anchor-weight", type=float, help="weight of the anchor: the MSE of each "
                       "pair written's condition to the one the stage began with (ours; toy II, III: 10)")
+    loss.add_argument("--lm-mean", choices=["token", "example"], help="the LM loss: the mean "
+                      "over labelled tokens (official) or of each example's mean")
     loss.add_argument("--objective", choices=dreamllm.OBJECTIVES, help="the creation loss: score "
                       "distillation through the UNet (DreamLLM's), align: regression onto the text "
                       "encoder's states of the caption (GILL's; needs --bridge mapper), or both")

@@ -203,6 +203,16 @@ def test_lm_loss_is_shifted_cross_entropy_on_labels(model):
     keep = batch["labels"][:, 1:] != -100
     hand = F.cross_entropy(logits[:, :-1][keep], batch["labels"][:, 1:][keep])
     assert torch.allclose(out["lm"], hand, rtol=1e-6) and out["diffusion"] == 0
+    # lm_mean "example": each example's mean over its labels, then the mean over the examples
+    per = [F.cross_entropy(logits[b, :-1][keep[b]], batch["labels"][b, 1:][keep[b]]) for b in (0, 1)]
+    assert keep[0].sum() != keep[1].sum()  # else the two means agree
+    model.config.lm_mean = "example"
+    try:
+        with torch.no_grad():
+            mean = model(**batch)["lm"]
+    finally:
+        model.config.lm_mean = "token"
+    assert torch.allclose(mean, (per[0] + per[1]) / 2, rtol=1e-6)
 
 
 def hand_diffusion_loss(m, batch, seed, prediction_type, target, gamma, null=False):

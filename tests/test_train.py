@@ -394,7 +394,7 @@ def test_the_anchor_holds_the_condition_to_the_one_the_stage_began_with(tmp_path
     assert 0 < moved["anchored"] < moved["free"] / 4, moved
 
 
-@pytest.mark.parametrize("objective", ["score", "both"])
+@pytest.mark.parametrize("objective", ["score", "both", "lm-mean-example"])
 def test_a_micro_batch_cut_by_length_gives_the_same_losses(objective, tmp_path, monkeypatch):
     # documents, pairs written and read: cut in two by length, each part weighed by its share of
     # the labels, images and pairs, the losses are the whole batch's (to float rounding)
@@ -408,6 +408,8 @@ def test_a_micro_batch_cut_by_length_gives_the_same_losses(objective, tmp_path, 
     if objective == "both":  # the alignment too, and its null (at the condition dropout's rate)
         flags += ["--preset", "tiny-text", "--objective", "both", "--bridge", "mapper",
                   "--cond-dropout", "0.1"]
+    if objective == "lm-mean-example":  # each example's mean LM loss weighs alike
+        flags += ["--lm-mean", "example"]
     cuts, by_length = [], train.by_length
     monkeypatch.setattr(train, "by_length", lambda lengths: cuts.append(by_length(lengths)) or cuts[-1])
     train.main(flags + ["--out", str(tmp_path / "cut")])
