@@ -407,7 +407,7 @@ def setup(args, stage, run, out, example, rank, world, device, weights):
     model.llm.gradient_checkpointing = args.checkpointing
     units = parallel.shard_llm(model) if args.fsdp else []
     whitening = None
-    if args.whiten and "condition_projector" in stage["groups"] and "llm" not in groups:
+    if args.whiten and "condition_projector" in stage["groups"] and "llm" not in stage["groups"]:
         saved = {k.split(".", 1)[1]: train_state.pop(k) for k in list(train_state)
                  if k.startswith("whitening.")}
         whitening = Whitening(model, example, saved or None, keep="condition_projector" in inherited)

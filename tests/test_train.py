@@ -149,6 +149,17 @@ def test_whitened_run_saves_w_as_w_prime_z_and_by_default_trains_plain(tmp_path)
     assert not torch.allclose(plain["condition_projector.weight"], weights["condition_projector.weight"])
 
 
+def test_whitening_follows_whether_this_stage_trains_the_llm_not_an_earlier_one(tmp_path):
+    # the LLM trained before (stage II), frozen now (I-creation): its states are whitened
+    train.main(FAST + ["--stage", "II", "--steps", "1", "--out", str(tmp_path / "llm")])
+    train.main(FAST + ["--steps", "1", "--whiten", "--init", str(tmp_path / "llm"),
+                       "--out", str(tmp_path / "w")])
+    assert "whitening.Z" in state(tmp_path / "w", "train_state")
+    train.main(FAST + ["--stage", "II", "--steps", "1", "--whiten", "--init", str(tmp_path / "w"),
+                       "--out", str(tmp_path / "ii")])  # the LLM trains: no whitening
+    assert not any(k.startswith("whitening.") for k in state(tmp_path / "ii", "train_state"))
+
+
 def test_dream_queries_step_at_a_tenth_of_the_lr_while_whitened(tmp_path):
     q0 = dreamllm.build("tiny").dream_queries.detach()
     for flags, lr_scale in ((["--whiten"], Whitening.QUERY_LR), ([], 1.0)):
