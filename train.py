@@ -90,7 +90,7 @@ RECIPES = {
                 # along the directions whitening magnified: the drawing unravels (held-out both
                 # 0.88 -> 0.05 after 300 steps at lr 1e-4). The anchor, an MSE of each pair's
                 # condition to the one the stage began with, holds it (the curriculum: 0.78 after
-                # I, 0.84 after II, 0.78 after III; README) while the LLM learns; lr 1e-4 (official
+                # I, 0.69 after II, 0.73 after III; README) while the LLM learns; lr 1e-4 (official
                 # 2e-5 and 4e-5): the toy has 600 and 400 steps, not an epoch of MMC4 and LLaVA
                 "II": dict(lr=1e-4, anchor_weight=10.0),
                 # SFT on the shapes world's instructions too: "Draw a red circle.", "Write about
