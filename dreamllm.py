@@ -39,7 +39,8 @@ import unet
 
 SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", "<dream_start>",
                   "<dream_end>"]
-OBJECTIVES, BRIDGES = ("score", "align", "both"), ("projector", "mapper")  # DreamConfig's choices
+# DreamConfig's choices
+OBJECTIVES, BRIDGES, LM_MEANS = ("score", "align", "both"), ("projector", "mapper"), ("token", "example")
 # How an example of each kind is laid out, as the official data builder does (omni/data/builders/
 # builder_dreamllm.py): what each <image> becomes (a dream slot, a read slot, or both: create it,
 # then read it back), and which text carries LM labels ("text": all of it, with each <dream_start>;
@@ -123,7 +124,7 @@ class DreamLLM(nn.Module):
         if config.target not in diffusion.SPACES:
             raise ValueError(f"DreamConfig.target {config.target!r}: one of {diffusion.SPACES}")
         for field, allowed in (("objective", OBJECTIVES), ("bridge", BRIDGES),
-                               ("lm_mean", ("token", "example")),
+                               ("lm_mean", LM_MEANS),
                                ("align_distance", alignment.DISTANCES)):
             if getattr(config, field) not in allowed:
                 raise ValueError(f"DreamConfig.{field} {getattr(config, field)!r}: one of {allowed}")

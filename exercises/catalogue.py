@@ -374,7 +374,7 @@ the few directions that tell a colour or a shape are learnt far too slowly. Whit
 the states' second moment once and trains the projector in coordinates where every direction
 has unit scale. It is a trick of this project, not the paper's: the real DreamLLM trains the
 LLM itself in stage II.""",
-        ("whitening.py", "train.py: RECIPES, make_optimizer")),
+        ("whitening.py", "recipes.py: RECIPES; train.py: make_optimizer")),
     Experiment(
         "guidance", "Sample the same run at classifier-free guidance 1, 2 and 4: what does the "
         "guidance scale buy, and what does it cost?",
