@@ -85,14 +85,15 @@ STUDIES = {
         rows=CREATION, eval=CREATION_EVAL),
     # The synergy (sec. 5.1, Table 4 and Fig. 5): DreamLLM trained on creation and comprehension
     # together does better at both than either alone: creation helps comprehension (VQA, captions)
-    # and comprehension helps creation (FID). Here from one start per seed (stage I, both halves),
-    # stage II on pairs written alone (t2i), on pairs read and questions alone (i2t, vqa), or on
-    # both (t2i, i2t, vqa): the joint arm sees the two others' data, each half as often.
+    # and comprehension helps creation (FID). Here from one start per seed (stage I, both halves,
+    # in the main job's order: reading first), stage II on pairs written alone (t2i), on pairs read
+    # and questions alone (i2t, vqa), or on both (t2i, i2t, vqa): the joint arm sees the two
+    # others' data, each half as often.
     "synergy": dict(
         question="Does creation help comprehension, and comprehension creation?",
         common="--preset toy",
-        base=[("start-creation", "--stage I-creation --steps 600"),
-              ("start", "--stage I-comprehension --steps 300 --init {start-creation}")],
+        base=[("start-reading", "--stage I-comprehension --steps 300"),
+              ("start", "--stage I-creation --steps 600 --init {start-reading}")],
         runs=[("creation-only", "--stage II --steps 300 --mix t2i --init {start}"),
               ("comprehension-only", "--stage II --steps 300 --mix i2t,vqa --init {start}"),
               ("joint", "--stage II --steps 300 --mix t2i,i2t,vqa --init {start}")],

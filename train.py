@@ -318,14 +318,13 @@ def setup(args, stage, run, out, example, rank, world, device, weights):
     if args.fsdp and "llm" not in stage["groups"]:
         raise Stop(f"--fsdp shards the LLM, which stage {args.stage} does not train (drop --fsdp)")
     model = cli.build_model(args.preset, seed=args.seed, **dream_variants(args)).to(device)
-    groups, inherited = list(stage["groups"]), []
+    groups = list(stage["groups"])
     if args.init:  # start from another run (e.g. stage II from stage I) and keep what it trained
         init = checkpoint.read_run(args.init)
         if init is None or init["preset"] != args.preset:
             raise Stop(f"--init: {args.init} holds no checkpoint of preset {args.preset}")
         model.load_trained_state(checkpoint.read_tensors(init, "model"))
         groups += [g for g in init["groups"] if g not in groups]
-        inherited = init["groups"]
     anchor = None  # a frozen copy of the model as the stage begins, sharing the frozen backbones
     if weights["anchor"] > 0:
         anchor = copy.deepcopy(model, {id(m): m for m in (model.clip, model.unet, model.vae)})
@@ -339,7 +338,7 @@ def setup(args, stage, run, out, example, rank, world, device, weights):
     if args.whiten and "condition_projector" in stage["groups"] and "llm" not in stage["groups"]:
         saved = {k.split(".", 1)[1]: train_state.pop(k) for k in list(train_state)
                  if k.startswith("whitening.")}
-        whitening = Whitening(model, example, saved or None, keep="condition_projector" in inherited)
+        whitening = Whitening(model, example, saved or None)
     params, opt = make_optimizer(model, stage["groups"], args, whitening)
     if device.type == "cuda":
         cli.cast_frozen(model, torch.bfloat16)

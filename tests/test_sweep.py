@@ -97,7 +97,7 @@ def test_the_studies_say_what_the_brief_asks(capsys, tmp_path):
     assert [train.parse_args(shlex.split(x)[2:]).n_queries for x in lines] == [2, 4, 8, 16, 32]
     lines = dry(["synergy", "--seeds", "1", "--out", str(tmp_path / "s")], capsys)
     stages = [(a.stage, a.mix) for a in (train.parse_args(shlex.split(x)[2:]) for x in lines)]
-    assert stages == [("I-creation", None), ("I-comprehension", None), ("II", "t2i"),
+    assert stages == [("I-comprehension", None), ("I-creation", None), ("II", "t2i"),
                       ("II", "i2t,vqa"), ("II", "t2i,i2t,vqa")]
     lines = dry(["objective", "--seeds", "1", "--out", str(tmp_path / "o")], capsys)
     arms = [(a.objective, a.bridge, a.align_distance)
@@ -240,7 +240,7 @@ def test_a_run_begun_is_continued_and_a_failed_base_stops_what_starts_from_it(
     calls.clear()
     fails(["synergy", "--seeds", "1", "--out", str(tmp_path / "synergy")], capsys, 1)
     assert [a[a.index("--out") + 1] for _, a in calls] == [
-        str(tmp_path / "synergy" / "start-creation" / "seed-0")]
+        str(tmp_path / "synergy" / "start-reading" / "seed-0")]
 
 
 # ---- end to end ---------------------------------------------------------------------------------
