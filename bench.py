@@ -5,6 +5,7 @@ on the same weights and the same inputs. Each row: warm-ups, then ours and the r
     python bench.py                      # CPU fp32, moderately sized random models (a few minutes)
     python bench.py --quick              # small models, few repeats (under a minute)
     python bench.py --device cuda --real-shapes --compile   # bf16: Vicuna-7B, CLIP ViT-L/14, SD 2.1-base 512 px
+    python bench.py --only toy            # the main job's stage I-creation step, and where its time goes
     python bench.py --only dream --real-shapes --dtype bf16 --count-memory --llm-layers 4 --repeats 1
                                          # DreamLLM-7B's training memory, on the CPU, with 4 of its 32 blocks
 
@@ -34,6 +35,7 @@ import data
 import diffusion
 import dreamllm
 import llama
+import recipes
 import unet
 
 try:
@@ -288,6 +290,45 @@ def dream_row(size, device, dtype):
     return [(f"DreamLLM training step (stage I, {B} docs)", step, None, "ours only: no reference exists")], model
 
 
+def toy_rows():
+    # Where the time of the main job's longest stage goes: one step of stage I-creation on the
+    # shapes world's toy (its recipe's condition dropout), 8 captions, and its parts, each with
+    # the backward it needs. Ours only; CPU fp32, as the main job runs.
+    model = cli.build_model("toy", **recipes.recipe("toy")["dream"])
+    model.requires_grad_(False)
+    trained = [model.dream_queries, model.condition_projector.weight]
+    for p in trained:
+        p.requires_grad_(True)
+    batch = model.collate([data.example("t2i", 0, e) for e in range(8)])
+    batch["noise"] = model.draw_noise([torch.Generator().manual_seed(e) for e in range(8)])
+    with torch.no_grad():
+        mean, _ = model.vae.encode(batch["vae_pixels"])
+    z0, context = mean * model.vae.scaling_factor, model.condition("a red circle").detach()
+    context = context.expand(8, -1, -1).clone().requires_grad_(True)
+
+    def backward(loss):  # the gradients go nowhere: only their cost is wanted
+        loss.backward()
+        for p in (*trained, context):
+            p.grad = None
+
+    def llm():  # the frozen LLM, forward and back to the dream queries
+        h = model.llm.hidden_states(inputs_embeds=model.embed(batch["input_ids"]))
+        backward(model.slot_conditions(batch["input_ids"], h=h).square().mean())
+
+    def unet_part():
+        n = batch["noise"]
+        backward(diffusion.denoising_loss(model.unet, model.noise_scheduler, z0, n["eps"], n["t"],
+                                          context, "epsilon"))
+    return [("toy stage I-creation step, 8 captions", lambda: backward(model(**batch)["diffusion"]),
+             None, "forward and backward, no optimizer step"),
+            ("  VAE encoder (frozen, no grad)", lambda: torch.no_grad()(model.vae.encode)(
+                batch["vae_pixels"]), None, "SD's posterior of each picture"),
+            ("  LLM forward + backward to the queries", llm, None, "the LLM frozen"),
+            ("  null condition forward + backward", lambda: backward(model.condition("").square().mean()),
+             None, "the queries after an empty prompt: dropout's null"),
+            ("  UNet forward + backward", unet_part, None, "the denoising loss")]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.HelpFormatter)
@@ -302,7 +343,7 @@ def main():
     p.add_argument("--llm-layers", type=int, help="the LLM with this many blocks (its memory grows by one "
                    "block's weights per block)")
     p.add_argument("--repeats", type=int, help="timed runs of each side per row (default: the mode's)")
-    parts = ["llama", "clip", "sd", "dream"]
+    parts = ["llama", "clip", "sd", "dream", "toy"]
     p.add_argument("--only", nargs="+", choices=parts, default=parts, help="these rows only (default: all)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; on a loaded machine use fewer)")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="the device's dense bf16 peak, for MFU (default: 790, the H200's)")
@@ -336,13 +377,15 @@ def main():
     print(header + "  note")
     for part in args.only:
         per = 1
-        with torch.no_grad() if part != "dream" else torch.enable_grad():
+        with torch.no_grad() if part not in ("dream", "toy") else torch.enable_grad():
             if part == "llama":
                 rows, per = llama_rows(size, device, dtype, g)
             elif part == "clip":
                 rows = clip_rows(size, device, dtype, g)
             elif part == "sd":
                 rows = sd_rows(size, device, dtype, g)
+            elif part == "toy":
+                rows = toy_rows()
             else:
                 rows, _ = dream_row(size, device, dtype)
             for name, ours, ref, note in rows:

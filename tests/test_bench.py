@@ -27,6 +27,10 @@ def test_quick_bench_prints_a_table_with_ratios():
         assert ours > 0 and ref > 0 and abs(ratio - ours / ref) < 0.01 + 0.01 * ratio, row
     (train_row,) = [v for k, v in rows.items() if k.startswith("DreamLLM training step")]
     assert float(train_row[0]) > 0 and train_row[1:3] == ["-", "-"]  # ours only
+    toy = [k for k in rows if k.startswith("toy stage I-creation step")] + \
+        [k for k in rows if k in ("VAE encoder (frozen, no grad)", "LLM forward + backward to the queries",
+                                  "null condition forward + backward", "UNet forward + backward")]
+    assert len(toy) == 5 and all(float(rows[k][0]) > 0 and rows[k][1:3] == ["-", "-"] for k in toy)
 
 
 def test_help():
