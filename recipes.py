@@ -49,7 +49,7 @@ RECIPES = {
                 # to look (its pretraining saw <image> as one uninformative token), and where II
                 # and III train it, the anchor's gradient drowns the LM loss's (README: reading).
                 # Reading first, then the drawing aligned to the LLM that reads: VQA 0.32 -> 0.68
-                # after III, drawing 0.73 -> 0.72 (one run each, the four commands in the README)
+                # after III, drawing 0.73 -> 0.72 (one run of each curriculum; README: reading)
                 "I-comprehension": dict(groups=["visual_projector", "llm"], lr=3e-4),
                 # II and III train the LLM, and any change of it moves the dream queries' states
                 # along the directions whitening magnified: the drawing unravels (held-out both
