@@ -293,7 +293,8 @@ def dream_row(size, device, dtype):
 def toy_rows():
     # Where the time of the main job's longest stage goes: one step of stage I-creation on the
     # shapes world's toy (its recipe's condition dropout), 8 captions, and its parts, each with
-    # the backward it needs. Ours only; CPU fp32, as the main job runs.
+    # the backward it needs. Ours only; on the CPU in fp32 whatever --device says, as the main
+    # job runs.
     model = cli.build_model("toy", **recipes.recipe("toy")["dream"])
     model.requires_grad_(False)
     trained = [model.dream_queries, model.condition_projector.weight]
@@ -319,7 +320,7 @@ def toy_rows():
         n = batch["noise"]
         backward(diffusion.denoising_loss(model.unet, model.noise_scheduler, z0, n["eps"], n["t"],
                                           context, "epsilon"))
-    return [("toy stage I-creation step, 8 captions", lambda: backward(model(**batch)["diffusion"]),
+    return [("toy stage I-creation step, 8 captions, CPU", lambda: backward(model(**batch)["diffusion"]),
              None, "forward and backward, no optimizer step"),
             ("  VAE encoder (frozen, no grad)", lambda: torch.no_grad()(model.vae.encode)(
                 batch["vae_pixels"]), None, "SD's posterior of each picture"),

@@ -74,9 +74,9 @@ def stage_of(args):  # the stage as the preset's recipe has it: STAGES with its 
     return STAGES[args.stage] | recipe(args.preset)["stages"].get(args.stage, {})
 
 
-# The curriculum `python train.py` runs (--stage all): the stages in the paper's order, each starting
-# from what the last trained (--init), each a run folder of its own under --out (default
-# out/<preset>/, e.g. out/toy/II/).
+# The curriculum `python train.py` runs (--stage all): the stages in order (the toy's reads first:
+# RECIPES), each starting from what the last trained (--init), each a run folder of its own under
+# --out (default out/<preset>/, e.g. out/toy/II/).
 # A stage already done is skipped; one interrupted is continued with --resume.
 CURRICULA = {
     "toy": [("I-comprehension", 600), ("I-creation", 2000), ("II", 600), ("III", 400)],
