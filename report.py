@@ -5,12 +5,15 @@
 
 It shows the loss curves of every stage (read from each run's metrics.jsonl, drawn as inline SVG:
 no plotting package), the benchmark's table with its intervals (eval.json), its grids and one of
-its documents. Every run of train.py appends its logged steps to <run>/metrics.jsonl:
+its documents. Where the project has run the same preset (reference/<preset>/), each chart carries
+our run's curves dashed, and the table our run's row and the range of our runs beside yours: is
+your run a normal one? Every run of train.py appends its logged steps to <run>/metrics.jsonl:
 {"stage", "step", "loss", "lm", "diffusion", "anchor", "lr", "steps_per_s", "seconds"}.
 """
 import html
 import json
 import math
+import os
 from pathlib import Path
 
 import cli
@@ -19,6 +22,7 @@ from cli import Stop
 
 COLOURS = {"lm": "#1f77b4", "diffusion": "#d62728", "align": "#9467bd", "anchor": "#2ca02c"}  # one per loss, everywhere
 GRIDS = [("Held-out single shapes", "eval_grid.png"), ("Two shapes", "eval_two_shapes.png")]
+REFERENCE = Path(__file__).resolve().parent / "reference"  # our runs of each preset: reference/toy/
 
 
 def read_metrics(folder):
@@ -34,9 +38,12 @@ def read_metrics(folder):
     return dict(sorted(records.items()))
 
 
-def svg_curves(series, title, width=420, height=220):
-    # {name: [(step, value)]} -> an SVG line chart, the values on a log scale (losses span decades)
-    points = [(x, y) for pts in series.values() for x, y in pts if y > 0 and math.isfinite(y)]
+def svg_curves(series, title, width=420, height=220, reference=None):
+    # {name: [(step, value)]} -> an SVG line chart, the values on a log scale (losses span decades);
+    # reference: the same for our run of the stage, each loss's running mean dashed beside the run's
+    reference = reference or {}
+    points = [(x, y) for pts in [*series.values(), *reference.values()] for x, y in pts
+              if y > 0 and math.isfinite(y)]
     if not points:
         return f"<p>{html.escape(title)}: nothing logged</p>"
     left, right, top, bottom = 48, 10, 22, 28  # margins, pixels
@@ -66,6 +73,15 @@ def svg_curves(series, title, width=420, height=220):
                            f'points="{" ".join(px(x, y) for x, y in line)}"/>')
             out.append(f'<text x="{width - right - 110}" y="{top + 12 + 13 * i}" '
                        f'fill="{colour}">{html.escape(name)} {mean[-1][1]:.4f} (mean)</text>')
+    for name, pts in reference.items():
+        pts = [(x, y) for x, y in pts if y > 0 and math.isfinite(y)]
+        if pts:
+            mean = smooth(pts, max(1, len(pts) // 20))
+            out.append(f'<polyline fill="none" stroke="{COLOURS.get(name, "#555")}" '
+                       f'stroke-dasharray="4 3" points="{" ".join(px(x, y) for x, y in mean)}"/>')
+    if any(reference.values()):
+        out.append(f'<text x="{width - right}" y="{height - 18}" text-anchor="end" fill="#555">'
+                   "dashed: our reference run</text>")
     return "\n".join(out + ["</svg>"])
 
 
@@ -84,33 +100,77 @@ def stage_folders(run):
     return [Path(run)]
 
 
-def curves_html(run):
+def losses(metrics):  # {step: record} -> {loss: [(step, value)]}, the losses ever above 0
+    series = {k: [(s, r[k]) for s, r in metrics.items() if k in r] for k in COLOURS}
+    return {k: points for k, points in series.items() if any(y > 0 for _, y in points)}
+
+
+def curves_html(run, reference=None):
+    # a chart per stage; reference: our run's folder of the preset (reference/<preset>/<stage>/)
     charts = []
     for folder in stage_folders(run):
         metrics = read_metrics(folder)
         if not metrics:
             continue
         last = list(metrics.values())[-1]
-        series = {k: [(s, r[k]) for s, r in metrics.items() if k in r] for k in COLOURS}
-        series = {k: points for k, points in series.items() if any(y > 0 for _, y in points)}
-        title = (f"stage {last.get('stage', folder.name)}: {last['step']} steps, "
-                 f"{last.get('seconds', 0) / 60:.1f} min")
-        charts.append(svg_curves(series, title))
+        stage = last.get("stage", folder.name)
+        ours = losses(read_metrics(reference / stage)) if reference else {}
+        title = f"stage {stage}: {last['step']} steps, {last.get('seconds', 0) / 60:.1f} min"
+        charts.append(svg_curves(losses(metrics), title, reference=ours))
     return "\n".join(charts) or "<p>no metrics.jsonl found</p>"
 
 
-def write(run, evaluation, out):
+def compared_table(rows, reference, stage):
+    # the benchmark's rows beside our reference run's of the same stage and the range of our runs
+    # (reference/<preset>/eval.json: "rows" and "runs", by stage); a row outside that range shaded
+    ours = json.loads((reference / "eval.json").read_text(encoding="utf-8"))
+    value = {r["name"]: r["value"] for r in ours.get("rows", {}).get(stage, [])}
+    runs = ours.get("runs", {}).get(stage, {})
+    cells, marks = [], []
+    for r in rows:
+        seen = [v for v in runs.get(r["name"], []) if v is not None]
+        lo, hi = (min(seen), max(seen)) if seen else (None, None)
+        cells.append([r["name"], r["n"], *pages.proportion(r),
+                      "-" if value.get(r["name"]) is None else f"{value[r['name']]:.2f}",
+                      f"{lo:.2f} to {hi:.2f}" if seen else "-"])
+        outside = seen and r["value"] is not None and not lo - 1e-9 <= r["value"] <= hi + 1e-9
+        marks.append("no" if outside else None)
+    n = max((len(v) for v in runs.values()), default=0)
+    shown = os.path.relpath(reference / "eval.json")  # reference/toy/eval.json, from the repo
+    return (f"<p>Beside it, stage {html.escape(stage)} of our reference run ({html.escape(shown)}) "
+            f"and the lowest and highest of our {n} runs of it (other seeds and thread counts; the "
+            "README says which); a row outside them is shaded.</p>"
+            + pages.table(["", "N", "value", "95% interval", "ours", f"our {n} runs"], cells, marks))
+
+
+def benchmarked(report):
+    # eval.json -> the config.json of the checkpoint it benchmarked ({} if it is not one here)
+    try:
+        return json.loads((Path(str(report.get("model", ""))) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def write(run, evaluation, out, references=REFERENCE):
     # run: a curriculum's (or a run's) folder; evaluation: the benchmark's folder (eval.json, its
-    # PNGs, documents); out: the report's path, inside that folder so the images' paths hold
+    # PNGs, documents); out: the report's path, inside that folder so the images' paths hold;
+    # references: where our runs of each preset are, to compare with (<references>/<preset>/)
     run, evaluation, out = Path(run), Path(evaluation), Path(out)
     if not run.is_dir():
         raise Stop(f"--run {run}: no such folder; train with `python train.py` first")
-    body = ["<h1>DreamLLM on the shapes world</h1>", "<h2>Training: the losses per stage</h2>",
-            curves_html(run)]
     report_file = evaluation / "eval.json"
-    if report_file.is_file():
-        report = json.loads(report_file.read_text(encoding="utf-8"))
-        body += ["<h2>The toy benchmark</h2>", pages.rows_table(report.get("rows", []))]
+    report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else None
+    config, listing = benchmarked(report or {}), run / "curriculum.json"
+    preset = config.get("preset") or (json.loads(listing.read_text(encoding="utf-8")).get("preset")
+                                      if listing.is_file() else None)
+    reference = Path(references) / preset if preset else None
+    reference = reference if reference and (reference / "eval.json").is_file() else None
+    body = ["<h1>DreamLLM on the shapes world</h1>", "<h2>Training: the losses per stage</h2>",
+            curves_html(run, reference)]
+    if report is not None:
+        rows, stage = report.get("rows", []), config.get("stage")
+        body += ["<h2>The toy benchmark</h2>", compared_table(rows, reference, stage)
+                 if reference and stage else pages.rows_table(rows)]
         for title, name in GRIDS:  # their files: relative to the evaluation folder
             if (evaluation / name).is_file():
                 body.append(f'<h3>{title}</h3><img src="{name}" alt="{title}">')

@@ -65,3 +65,49 @@ def test_report_over_a_curriculum_and_a_benchmark(tmp_path):
     assert "Here is a &lt;b&gt;." in page and 'src="documents/0_0.png"' in page
     with pytest.raises(Stop, match="no such folder"):
         report.write(tmp_path / "missing", evaluation, tmp_path / "r.html")
+
+
+def test_report_sets_a_run_beside_our_reference_runs(tmp_path):
+    # our runs of the preset (reference/<preset>/): its curves dashed, its row and our runs' range
+    references, run, evaluation = tmp_path / "reference", tmp_path / "toy", tmp_path / "eval"
+    run.mkdir()
+    (run / "curriculum.json").write_text(json.dumps(dict(preset="toy", stages=["III"])))
+    write_metrics(run / "III", "III", [(1.0, 0.3), (0.9, 0.2)])
+    write_metrics(references / "toy" / "III", "III", [(1.2, 0.4), (1.1, 0.3)])
+    checkpoint = run / "III" / "step-2"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(dict(preset="toy", stage="III")))
+    ours = {"rows": {"III": [dict(name="VQA: all", n=200, value=0.68, low=0.6, high=0.7),
+                             dict(name="create: both", n=64, value=0.72, low=0.6, high=0.8)]},
+            "runs": {"III": {"VQA: all": [0.66, 0.68, 0.70], "create: both": [0.38, 0.72, 0.5]}}}
+    (references / "toy" / "eval.json").write_text(json.dumps(ours))
+    evaluation.mkdir()
+    rows = [dict(name="VQA: all", n=200, value=0.69, low=0.62, high=0.75),  # inside: 0.66 to 0.70
+            dict(name="create: both", n=64, value=0.20, low=0.1, high=0.3)]  # below 0.38
+    (evaluation / "eval.json").write_text(json.dumps(dict(rows=rows, model=str(checkpoint))))
+    page = report.write(run, evaluation, evaluation / "report.html", references=references)
+    assert page.read_text().count("stroke-dasharray") == 2  # lm and diffusion of our run
+    text = page.read_text()
+    assert "<tr><td>VQA: all</td><td>200</td><td>0.69</td><td>[0.62, 0.75]</td><td>0.68</td>" \
+           "<td>0.66 to 0.70</td></tr>" in text
+    assert '<tr class="no"><td>create: both</td>' in text and "<td>0.38 to 0.72</td>" in text
+    assert "our 3 runs" in text
+    # a preset we never ran: the plain table, no dashes
+    (checkpoint / "config.json").write_text(json.dumps(dict(preset="tiny", stage="III")))
+    (run / "curriculum.json").write_text(json.dumps(dict(preset="tiny", stages=["III"])))
+    text = report.write(run, evaluation, evaluation / "report.html", references=references).read_text()
+    assert "stroke-dasharray" not in text and "our 3 runs" not in text
+    assert "<td>create: both</td><td>64</td><td>0.20</td><td>[0.10, 0.30]</td></tr>" in text
+
+
+def test_our_reference_runs_are_whole():
+    # reference/toy/, what report.html sets a run beside: every stage of the toy curriculum, its
+    # curves, its benchmark rows, and the same rows in each of our runs, the reference's first
+    import recipes
+    ours = json.loads((report.REFERENCE / "toy" / "eval.json").read_text())
+    for stage, _ in recipes.CURRICULA["toy"]:
+        assert report.read_metrics(report.REFERENCE / "toy" / stage), stage
+        rows, runs = ours["rows"][stage], ours["runs"][stage]
+        assert [r["name"] for r in rows] == list(runs)
+        assert all(len(v) == len(ours["runs"]["III"]["VQA: all"]) >= 3 for v in runs.values())
+        assert [r["value"] for r in rows] == [v[0] for v in runs.values()]
