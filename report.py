@@ -120,27 +120,32 @@ def curves_html(run, reference=None):
     return "\n".join(charts) or "<p>no metrics.jsonl found</p>"
 
 
-def compared_table(rows, reference, stage):
-    # the benchmark's rows beside our reference run's of the same stage and the range of our runs
-    # (reference/<preset>/eval.json: "rows" and "runs", by stage); a row outside that range shaded
+def beside_ours(rows, reference, stage):
+    # the benchmark's rows beside our runs of the same stage (reference/<preset>/eval.json: "rows",
+    # our reference run's, and "runs", each row's value in each of our runs) ->
+    # [(row, our reference run's value, lowest and highest of our runs, outside them)], n runs
     ours = json.loads((reference / "eval.json").read_text(encoding="utf-8"))
     value = {r["name"]: r["value"] for r in ours.get("rows", {}).get(stage, [])}
     runs = ours.get("runs", {}).get(stage, {})
-    cells, marks = [], []
+    out = []
     for r in rows:
         seen = [v for v in runs.get(r["name"], []) if v is not None]
         lo, hi = (min(seen), max(seen)) if seen else (None, None)
-        cells.append([r["name"], r["n"], *pages.proportion(r),
-                      "-" if value.get(r["name"]) is None else f"{value[r['name']]:.2f}",
-                      f"{lo:.2f} to {hi:.2f}" if seen else "-"])
-        outside = seen and r["value"] is not None and not lo - 1e-9 <= r["value"] <= hi + 1e-9
-        marks.append("no" if outside else None)
-    n = max((len(v) for v in runs.values()), default=0)
+        outside = bool(seen) and r["value"] is not None and not lo - 1e-9 <= r["value"] <= hi + 1e-9
+        out.append((r, value.get(r["name"]), lo, hi, outside))
+    return out, max((len(v) for v in runs.values()), default=0)
+
+
+def compared_table(rows, reference, stage):  # beside_ours as a table, a row outside shaded
+    compared, n = beside_ours(rows, reference, stage)
+    cells = [[r["name"], r["n"], *pages.proportion(r), "-" if ours is None else f"{ours:.2f}",
+              "-" if lo is None else f"{lo:.2f} to {hi:.2f}"] for r, ours, lo, hi, _ in compared]
     shown = os.path.relpath(reference / "eval.json")  # reference/toy/eval.json, from the repo
     return (f"<p>Beside it, stage {html.escape(stage)} of our reference run ({html.escape(shown)}) "
             f"and the lowest and highest of our {n} runs of it (other seeds and thread counts; the "
             "README says which); a row outside them is shaded.</p>"
-            + pages.table(["", "N", "value", "95% interval", "ours", f"our {n} runs"], cells, marks))
+            + pages.table(["", "N", "value", "95% interval", "ours", f"our {n} runs"], cells,
+                          ["no" if outside else None for *_, outside in compared]))
 
 
 def benchmarked(report):
@@ -149,6 +154,31 @@ def benchmarked(report):
         return json.loads((Path(str(report.get("model", ""))) / "config.json").read_text("utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def ours_for(run, report, references=REFERENCE):
+    # -> (reference/<preset>/, the stage benchmarked): our runs to set this one beside, the preset
+    # the benchmarked checkpoint's (else the curriculum's); (None, stage) where we have none
+    config, listing = benchmarked(report or {}), Path(run) / "curriculum.json"
+    preset = config.get("preset") or (json.loads(listing.read_text(encoding="utf-8")).get("preset")
+                                      if listing.is_file() else None)
+    reference = Path(references) / preset if preset else None
+    return (reference if reference and (reference / "eval.json").is_file() else None,
+            config.get("stage"))
+
+
+def summary(run, evaluation, references=REFERENCE):
+    # one line for the terminal: which of the benchmark's rows lie outside our runs' range
+    report = json.loads((Path(evaluation) / "eval.json").read_text(encoding="utf-8"))
+    reference, stage = ours_for(run, report, references)
+    if reference is None or stage is None:
+        return None
+    compared, n = beside_ours(report.get("rows", []), reference, stage)
+    outside = [f"{r['name']} {r['value']:.2f} (ours {lo:.2f} to {hi:.2f})"
+               for r, _, lo, hi, out in compared if out]
+    return (f"beside our {n} runs of stage {stage} ({os.path.relpath(reference / 'eval.json')}): "
+            + ("every row within their range" if not outside else
+               f"{len(outside)} rows outside their range: " + "; ".join(outside)))
 
 
 def write(run, evaluation, out, references=REFERENCE):
@@ -160,15 +190,11 @@ def write(run, evaluation, out, references=REFERENCE):
         raise Stop(f"--run {run}: no such folder; train with `python train.py` first")
     report_file = evaluation / "eval.json"
     report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else None
-    config, listing = benchmarked(report or {}), run / "curriculum.json"
-    preset = config.get("preset") or (json.loads(listing.read_text(encoding="utf-8")).get("preset")
-                                      if listing.is_file() else None)
-    reference = Path(references) / preset if preset else None
-    reference = reference if reference and (reference / "eval.json").is_file() else None
+    reference, stage = ours_for(run, report, references)
     body = ["<h1>DreamLLM on the shapes world</h1>", "<h2>Training: the losses per stage</h2>",
             curves_html(run, reference)]
     if report is not None:
-        rows, stage = report.get("rows", []), config.get("stage")
+        rows = report.get("rows", [])
         body += ["<h2>The toy benchmark</h2>", compared_table(rows, reference, stage)
                  if reference and stage else pages.rows_table(rows)]
         for title, name in GRIDS:  # their files: relative to the evaluation folder
@@ -192,8 +218,12 @@ def main(argv=None):
     p.add_argument("--eval", default="out/samples", help="the benchmark's folder (eval.json)")
     p.add_argument("--out", help="the page (default: report.html in the --eval folder)")
     args = p.parse_args(argv)
-    cli.main(lambda: print(f"wrote {write(args.run, args.eval, args.out or Path(args.eval) / 'report.html')}"),
-             "report.py")
+
+    def report():
+        print(f"wrote {write(args.run, args.eval, args.out or Path(args.eval) / 'report.html')}")
+        if (Path(args.eval) / "eval.json").is_file() and (line := summary(args.run, args.eval)):
+            print(line)
+    cli.main(report, "report.py")
 
 
 if __name__ == "__main__":

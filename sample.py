@@ -113,8 +113,10 @@ def evaluate(model, run, args, sampling, out):
     sampling = {k: v for k, v in sampling.items() if k != "generator"}  # it seeds its own
     benchmark.benchmark(model, out, args.seed, sampling, sizes, beams=args.beams, meta=meta)
     if run is not None:  # the page to look at: the training's curves beside the benchmark's
-        page = report.write(args.ckpt or Path("out") / run["preset"], out, out / "report.html")
-        print(f"wrote {page}")
+        folder = args.ckpt or Path("out") / run["preset"]
+        print(f"wrote {report.write(folder, out, out / 'report.html')}")
+        if line := report.summary(folder, out):  # is this run like ours? (reference/<preset>/)
+            print(line)
 
 
 TOY_SAMPLING = dict(benchmark.SAMPLING, prefix="")  # DDIM 30 steps, guidance 2: measured best

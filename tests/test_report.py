@@ -92,12 +92,19 @@ def test_report_sets_a_run_beside_our_reference_runs(tmp_path):
            "<td>0.66 to 0.70</td></tr>" in text
     assert '<tr class="no"><td>create: both</td>' in text and "<td>0.38 to 0.72</td>" in text
     assert "our 3 runs" in text
+    line = report.summary(run, evaluation, references=references)
+    assert line.startswith("beside our 3 runs of stage III") and "1 rows outside" in line
+    assert "create: both 0.20 (ours 0.38 to 0.72)" in line and "VQA" not in line
+    rows[1]["value"] = 0.5  # inside
+    (evaluation / "eval.json").write_text(json.dumps(dict(rows=rows, model=str(checkpoint))))
+    assert report.summary(run, evaluation, references=references).endswith("every row within their range")
     # a preset we never ran: the plain table, no dashes
     (checkpoint / "config.json").write_text(json.dumps(dict(preset="tiny", stage="III")))
     (run / "curriculum.json").write_text(json.dumps(dict(preset="tiny", stages=["III"])))
     text = report.write(run, evaluation, evaluation / "report.html", references=references).read_text()
     assert "stroke-dasharray" not in text and "our 3 runs" not in text
-    assert "<td>create: both</td><td>64</td><td>0.20</td><td>[0.10, 0.30]</td></tr>" in text
+    assert "<td>create: both</td><td>64</td><td>0.50</td><td>[0.10, 0.30]</td></tr>" in text
+    assert report.summary(run, evaluation, references=references) is None
 
 
 def test_our_reference_runs_are_whole():
