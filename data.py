@@ -230,7 +230,18 @@ def instruction_example(seed, i, split="train"):
     return WRITE.format(NUMBERS[len(scenes)]), " " + " ".join(parts), scenes
 
 
-KINDS = ("t2i", "i2t", "vqa", "document", "instruct")  # the kinds of example, by what they teach
+KINDS = ("t2i", "i2t", "vqa", "document", "instruct", "opening")  # by what they teach
+
+
+def unframe(text):
+    """'Here is a red circle. <image>' -> 'a red circle <image>': a pair written as a document opens
+    (FIRST), as the bare caption stage I-creation aligned on; any other text as it is."""
+    body = text.removesuffix(f" {IMAGE_TOKEN}")
+    for frame in FIRST:
+        before, after = frame.split("{}")
+        if body.startswith(before) and body.endswith(after) and body != text:
+            return f"{body[len(before):len(body) - len(after)]} {IMAGE_TOKEN}"
+    return text
 
 
 def example(kind, seed, i, split="train"):
@@ -238,7 +249,9 @@ def example(kind, seed, i, split="train"):
     "t2i" a caption, then its picture (the model writes it: layout "t2i"); "i2t" a picture, then
     its caption (it reads it: "i2t"); "vqa" a picture and a question, the answer the reply ("chat");
     "document" an interleaved document ("document"); "instruct" an instruction, the reply a
-    document ("instruct"). The layouts are dreamllm.LAYOUTS'."""
+    document ("instruct"); "opening" a pair written as a document opens, "Here is a red circle.
+    <image>" ("t2i"; the anchor holds it to its bare caption, unframe). The layouts are
+    dreamllm.LAYOUTS'."""
     if kind == "instruct":
         instruction, reply, scenes = instruction_example(seed, i, split)
         return instruction, [draw(s) for s in scenes], "instruct", reply
@@ -253,6 +266,9 @@ def example(kind, seed, i, split="train"):
     text, scene = caption_example(seed, i, split)
     if kind == "t2i":
         return f"{text} {IMAGE_TOKEN}", [draw(scene)], "t2i", ""
+    if kind == "opening":  # a pair as a document opens: "Here is a small red circle. <image>"
+        frame = random.Random(f"{seed}/{split}/opening/{i}").choice(FIRST)
+        return f"{frame.format(text)} {IMAGE_TOKEN}", [draw(scene)], "t2i", ""
     return f"{IMAGE_TOKEN} {text}", [draw(scene)], "i2t", ""
 
 

@@ -110,6 +110,11 @@ def train(args):
         flips = [flip and random.Random(f"{args.seed}/flip/{e}/{j}").random() < 0.5 for e, j in dreamt]
         batch = model.collate(examples, diffusion=weights["diffusion"] > 0, flips=flips)
         batch["pairs"] = [k for k, (*_, layout, _) in enumerate(examples) if layout == "t2i"]
+        if weights["anchor"] > 0:  # the anchor holds a pair to its own condition at the stage's
+            # start, an opening ("Here is X. <image>") to its bare caption's ("X <image>")
+            held = [(data.unframe(examples[k][0]), examples[k][1], "t2i", "") for k in batch["pairs"]]
+            if any(h[0] != examples[k][0] for h, k in zip(held, batch["pairs"])):
+                batch["held_ids"] = model.collate(held, diffusion=False)["input_ids"]
         if weights["align"] > 0 and batch["pairs"]:  # what the alignment regresses pairs onto
             slots = pair_slots(model, batch["input_ids"], batch["pairs"])
             batch["captions"] = slots, [examples[k][0].split(data.IMAGE_TOKEN)[0].strip()
@@ -144,9 +149,10 @@ def train(args):
                 shares = parallel.batch_shares(parts, world, device, model.config.lm_mean)
                 for batch, share in zip(parts, shares):
                     pairs = batch.pop("pairs")  # the rows of pairs written: what the anchor holds
+                    held = batch.pop("held_ids", None)  # (len(pairs), T') what it holds them to
                     with cli.autocast(device):
                         if anchor is not None and pairs and {"vae_pixels", "captions"} & set(batch):
-                            batch["anchor"] = anchor_targets(anchor, batch["input_ids"], pairs)
+                            batch["anchor"] = anchor_targets(anchor, batch["input_ids"], pairs, held)
                         losses = model(**batch)
                     zero = losses["diffusion"] * 0  # (a term the batch has none of)
                     terms = torch.stack([losses["lm"] * share[0], losses["diffusion"] * share[1],
@@ -202,12 +208,14 @@ def pair_slots(model, input_ids, rows):
 
 
 @torch.no_grad()
-def anchor_targets(anchor, input_ids, rows):
+def anchor_targets(anchor, input_ids, rows, held_ids=None):
     # The anchor: the model as the stage began. For the dream slots of `rows` (pairs written, what
     # stage I-creation aligned on): (their indices among the batch's dream slots, (m,), and the
-    # anchor's condition for them, (m, K, C)). Documents and instructions are not held: a stage
-    # may teach them to draw.
-    return pair_slots(anchor, input_ids, rows), anchor.slot_conditions(input_ids[rows])
+    # anchor's condition for them, (m, K, C)), of the pairs themselves or of held_ids, their bare
+    # captions (data.unframe). Documents and instructions are not held: a stage may teach them to
+    # draw.
+    held_ids = input_ids[rows] if held_ids is None else held_ids
+    return pair_slots(anchor, input_ids, rows), anchor.slot_conditions(held_ids)
 
 
 def by_length(lengths, saving=0.4):

@@ -337,3 +337,15 @@ def test_bad_manifest_lines_name_file_line_and_problem(tmp_path, reader, bad, pr
         list(read(path))
     msg = str(e.value)
     assert msg.startswith(f"{path}:3: ") and problem in msg and "\n" not in msg
+
+
+def test_an_opening_is_a_pair_framed_as_a_document_opens_and_unframe_gives_its_caption():
+    for e in range(20):
+        text, images, layout, reply = data.example("opening", 0, e)
+        caption, scene = data.caption_example(0, e)
+        assert (layout, reply, len(images)) == ("t2i", "", 1)
+        assert text.startswith(tuple(f.split("{}")[0] for f in data.FIRST))
+        assert data.unframe(text) == f"{caption} {data.IMAGE_TOKEN}" != text
+    for kind in ("t2i", "document", "instruct"):  # nothing else is unframed
+        text = data.example(kind, 0, 3)[0]
+        assert data.unframe(text) == text

@@ -512,3 +512,26 @@ def test_a_crash_or_full_disk_at_any_point_of_a_save_resumes_bit_identically(tmp
     assert all(same for *_, same in results), results
     print(f"\n{len(results)} faults injected ({per_save} file operations per save x crash/disk full): "
           "every run resumed bit-identically")
+
+
+def test_the_anchor_holds_a_documents_opening_to_its_bare_captions_condition(tmp_path):
+    # stage II on openings ("Here is X. <image>"): the anchor's target for one is the stage start's
+    # condition of its bare caption, "X <image>" (data.unframe), so at step 1 the term is not 0, and
+    # training moves the opening's condition toward that of its caption
+    first = tmp_path / "creation"
+    train.main(FAST + ["--steps", "2", "--out", str(first)])
+    train.main(FAST + ["--stage", "II", "--steps", "12", "--lr", "1e-4", "--mix", "opening",
+                       "--anchor-weight", "1", "--diffusion-weight", "1e-6",  # the anchor alone
+                       "--init", str(first), "--out", str(tmp_path / "II")])
+    logged = [json.loads(x) for x in (tmp_path / "II" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["anchor"] > 0
+    openings = [data.example("opening", 0, e)[0] for e in range(8)]
+
+    def conditions(folder, texts):
+        model = dreamllm.build("tiny")
+        model.load_trained_state(state(folder))
+        with torch.no_grad():
+            return torch.cat([model.condition(t.split(data.IMAGE_TOKEN)[0].strip()) for t in texts])
+    bare = conditions(first, [data.unframe(t) for t in openings])  # what the anchor holds them to
+    before, after = conditions(first, openings), conditions(tmp_path / "II", openings)
+    assert (after - bare).pow(2).mean() < 0.5 * (before - bare).pow(2).mean()
