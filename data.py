@@ -236,11 +236,10 @@ KINDS = ("t2i", "i2t", "vqa", "document", "instruct", "opening")  # by what they
 def unframe(text):
     """'Here is a red circle. <image>' -> 'a red circle <image>': a pair written as a document opens
     (FIRST), as the bare caption stage I-creation aligned on; any other text as it is."""
-    body = text.removesuffix(f" {IMAGE_TOKEN}")
-    for frame in FIRST:
-        before, after = frame.split("{}")
-        if body.startswith(before) and body.endswith(after) and body != text:
-            return f"{body[len(before):len(body) - len(after)]} {IMAGE_TOKEN}"
+    slot = f" {IMAGE_TOKEN}"
+    for before, after in (frame.split("{}") for frame in FIRST):
+        if text.startswith(before) and text.endswith(after + slot):
+            return text[len(before):-len(after + slot)] + slot
     return text
 
 
