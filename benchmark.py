@@ -14,7 +14,9 @@ One table, each row a proportion with its N and 95% Wilson interval:
              their colours bound and placed ("a red circle on the left and a blue square on the
              right"); the number of shapes drawn
   VQA        exact answers about held-out pictures, by kind of question (colour, shape, count,
-             where, size) and all
+             where, size) and all; and all on fresh pictures of training's own combinations, the
+             control: a model that reads both alike does not read well, one that reads those better
+             does not carry its reading over to pairs it never saw
   caption    held-out pictures captioned: every shape named truly, every size and position true
   document   an opening line ("Here is a green circle."), continued with the picture first: the
              picture right; text after a picture that says something of it; how much of that is
@@ -172,16 +174,22 @@ KINDS = {"colour": data.COLORS, "shape": data.SHAPES, "count": data.NUMBERS.valu
          "where": data.POSITIONS, "size": data.SIZES}  # a question's kind, from its answer
 
 
-def vqa(model, sizes, seed, beams):
-    # exact match: the reply, less a final period, is the answer ("blue", "two", "on the left")
+def vqa(model, sizes, seed, beams, split="eval"):
+    # exact match: the reply, less a final period, is the answer ("blue", "two", "on the left").
+    # split "train": fresh pictures of training's own combinations, the control that tells reading
+    # badly from not carrying reading over to held-out pairs. Fresh: training draws example i of
+    # seed s from "s/train/question/i" (data._rng), and "benchmark/s" is no seed train.py takes.
     items = []
-    for i in tqdm(range(sizes.questions), desc="VQA", unit="question", disable=None):
-        scene, question, answer = data.question_example(seed, i, "eval")
+    for i in tqdm(range(sizes.questions), desc=f"VQA ({split})", unit="question", disable=None):
+        scene, question, answer = data.question_example(
+            seed if split == "eval" else f"benchmark/{seed}", i, split)
         reply = model.answer(data.draw(scene), question, beams=beams,
                              max_new_tokens=sizes.answer_tokens, progress=False)
         kind = next(k for k, words in KINDS.items() if answer in words)
         items.append(dict(question=question, answer=answer, reply=reply, kind=kind,
                           right=reply.strip().rstrip(".").strip() == answer))
+    if split == "train":
+        return [row("VQA: all, training's combinations", [d["right"] for d in items])], items
     rows = [row(f"VQA: {kind}", [d["right"] for d in items if d["kind"] == kind]) for kind in KINDS]
     return rows + [row("VQA: all", [d["right"] for d in items])], items
 
@@ -307,10 +315,11 @@ def page(report):
             '<h2>Creation: two shapes</h2><img src="eval_two_shapes.png">']
     if "vqa" not in d:  # --text-encoder: the creation rows alone
         return pages.page("DreamLLM benchmark", body)
-    body += ["<h2>VQA</h2>" + pages.table(["question", "answer", "reply"],
-                                          [[q["question"], q["answer"], q["reply"]] for q in d["vqa"]],
-                                          marks=[mark(q) for q in d["vqa"]]),
-             "<h2>Captions</h2>" + pages.table(["the picture", "the model's caption"],
+    body += [f"<h2>{title}</h2>" + pages.table(["question", "answer", "reply"],
+                                               [[q["question"], q["answer"], q["reply"]] for q in d[k]],
+                                               marks=[mark(q) for q in d[k]])
+             for k, title in (("vqa", "VQA"), ("vqa_seen", "VQA on training's own pairs"))]
+    body += ["<h2>Captions</h2>" + pages.table(["the picture", "the model's caption"],
                                                [[c["truth"], c["caption"]] for c in d["captions"]],
                                                marks=[mark(c) for c in d["captions"]]),
              "<h2>Documents</h2>"]
@@ -340,6 +349,7 @@ def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
                                   (lambda p: model.text_states([p])) if text_encoder else None)
     if not text_encoder:  # the rest needs the LLM
         parts = [("vqa", lambda: vqa(model, sizes, seed, beams)),
+                 ("vqa_seen", lambda: vqa(model, sizes, seed, beams, split="train")),
                  ("captions", lambda: captions(model, sizes, seed)),
                  ("documents", lambda: documents(model, sizes, sampling, seed, out))]
         for name, part in parts:

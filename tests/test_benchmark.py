@@ -26,7 +26,8 @@ FAST = dict(benchmark.SAMPLING, steps=2)
 ROWS = ["create: held-out shape, colour", "create: held-out shape, shape",
         "create: held-out shape, both", "create: two shapes bound and placed",
         "create: number of shapes", "VQA: colour", "VQA: shape", "VQA: count", "VQA: where",
-        "VQA: size", "VQA: all", "caption: all shapes named, all true",
+        "VQA: size", "VQA: all", "VQA: all, training's combinations",
+        "caption: all shapes named, all true",
         "document: the picture asked for", "document: refers back",
         "document: back statements true", "document: ends"]
 
@@ -131,8 +132,9 @@ def test_benchmark_writes_every_row_with_the_sizes_as_n(tiny, tmp_path):
     singles, twos = 4 * TINY.images, TINY.two_shapes * TINY.two_shape_images
     assert [n[r] for r in ROWS[:5]] == [singles] * 3 + [twos, singles + twos]
     assert sum(n[f"VQA: {k}"] for k in benchmark.KINDS) == n["VQA: all"] == TINY.questions
+    assert n["VQA: all, training's combinations"] == TINY.questions
     assert n["caption: all shapes named, all true"] == TINY.captions
-    assert [n[r] for r in ROWS[12:14] + ROWS[15:]] == [TINY.documents] * 3
+    assert [n[r] for r in ROWS[13:15] + ROWS[16:]] == [TINY.documents] * 3
     docs = report["details"]["documents"]
     assert n["document: back statements true"] == sum(len(d["statements"]) for d in docs)
     for r in rows:
@@ -150,14 +152,25 @@ def test_benchmark_writes_every_row_with_the_sizes_as_n(tiny, tmp_path):
     assert again == rows and details == report["details"]
 
 
+def test_the_control_asks_of_training_pairs_in_pictures_training_never_drew():
+    # "VQA: all, training's combinations": the split's own colour-shape pairs, none held out, but
+    # not the examples train.py trains on (its question i of seed s)
+    asked = [data.question_example("benchmark/0", i, "train") for i in range(200)]
+    pairs = {(s.color, s.shape) for scene, _, _ in asked for s in scene.shapes}
+    assert pairs == set(data.combos("train"))
+    trained = [data.question_example(0, i, "train") for i in range(200)]
+    assert sum(a == t for a, t in zip(asked, trained)) == 0  # another stream, not a shifted one
+
+
 def test_page_escapes_every_text(tiny, tmp_path):
     report = dict(rows=[benchmark.row("<rows>", [True])], about="a & b", details=dict(
         vqa=[dict(question="<q>", answer="a", reply="<b>x</b>", right=False)],
+        vqa_seen=[dict(question="<seen>", answer="a", reply="a", right=True)],
         captions=[dict(truth="t", caption="<i>c", right=True)],
         documents=[dict(opening="<o>", segments=[dict(text="<t>"), dict(image="d/0.png",
                         seen=["<s>"])], statements=[], ended=True)]))
     page = benchmark.page(report)
-    for raw in ("<rows>", "<q>", "<b>x", "<i>c", "<o>", "<t>", "<s>", "a & b"):
+    for raw in ("<rows>", "<q>", "<seen>", "<b>x", "<i>c", "<o>", "<t>", "<s>", "a & b"):
         assert raw not in page and html.escape(raw) in page
 
 
@@ -172,9 +185,10 @@ def oracle(model, monkeypatch, paint):
         return [[paint(data.Scene(tuple(map(shape_of, judge.parse_caption(p)))))] * k
                 for p in prompts]
     answers = {}
-    for i in range(TINY.questions):
-        scene, question, answer = data.question_example(0, i, "eval")
-        answers[question, data.draw(scene).tobytes()] = answer
+    for i in range(TINY.questions):  # held-out pictures, and fresh ones of training's pairs
+        for scene, question, answer in (data.question_example(0, i, "eval"),
+                                        data.question_example("benchmark/0", i, "train")):
+            answers[question, data.draw(scene).tobytes()] = answer
 
     def generate(text, images=(), layout="document", **kw):
         if layout == "i2t":  # a caption of what is there
@@ -198,7 +212,7 @@ def test_an_oracle_scores_one_everywhere_and_a_blank_painter_zero(tiny, tmp_path
     oracle(tiny, monkeypatch, lambda scene: blank)
     rows = benchmark.benchmark(tiny, tmp_path, sampling=FAST, sizes=TINY)
     values = {r["name"]: r["value"] for r in rows}
-    assert [values[r] for r in ROWS[:5] + ROWS[12:13]] == [0.0] * 6
+    assert [values[r] for r in ROWS[:5] + ROWS[13:14]] == [0.0] * 6
     assert values["document: back statements true"] == 0.0  # nothing there to be true of
 
 
