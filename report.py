@@ -136,14 +136,28 @@ def beside_ours(rows, reference, stage):
     return out, max((len(v) for v in runs.values()), default=0)
 
 
-def compared_table(rows, reference, stage):  # beside_ours as a table, a row outside shaded
+def unlike_ours(report, reference):
+    # the benchmark's settings where this eval.json's differ from those our runs were measured
+    # with (reference/<preset>/eval.json: "settings"), e.g. ["images 4 (ours 16)"]: its rows are
+    # then other items, or fewer, and our runs' range only a guide
+    ours = json.loads((reference / "eval.json").read_text(encoding="utf-8")).get("settings")
+    if not ours:
+        return []
+    flat = lambda d: {"seed": d.get("seed"), **d.get("sampling", {}), **d.get("sizes", {})}
+    theirs, ours = flat(report), flat(ours)
+    return [f"{k} {theirs.get(k)} (ours {v})" for k, v in ours.items() if theirs.get(k) != v]
+
+
+def compared_table(rows, reference, stage, unlike=()):  # beside_ours as a table, a row outside shaded
     compared, n = beside_ours(rows, reference, stage)
     cells = [[r["name"], r["n"], *pages.proportion(r), "-" if ours is None else f"{ours:.2f}",
               "-" if lo is None else f"{lo:.2f} to {hi:.2f}"] for r, ours, lo, hi, _ in compared]
     shown = os.path.relpath(reference / "eval.json")  # reference/toy/eval.json, from the repo
+    caveat = (f" This benchmark ran otherwise than ours ({', '.join(unlike)}): the range is a "
+              "guide, not a test." if unlike else "")
     return (f"<p>Beside it, stage {html.escape(stage)} of our reference run ({html.escape(shown)}) "
             f"and the lowest and highest of our {n} runs of it (other seeds and thread counts; the "
-            "README says which); a row outside them is shaded.</p>"
+            f"README says which); a row outside them is shaded.{html.escape(caveat)}</p>"
             + pages.table(["", "N", "value", "95% interval", "ours", f"our {n} runs"], cells,
                           ["no" if outside else None for *_, outside in compared]))
 
@@ -176,9 +190,12 @@ def summary(run, evaluation, references=REFERENCE):
     compared, n = beside_ours(report.get("rows", []), reference, stage)
     outside = [f"{r['name']} {r['value']:.2f} (ours {lo:.2f} to {hi:.2f})"
                for r, _, lo, hi, out in compared if out]
+    unlike = unlike_ours(report, reference)
     return (f"beside our {n} runs of stage {stage} ({os.path.relpath(reference / 'eval.json')}): "
             + ("every row within their range" if not outside else
-               f"{len(outside)} rows outside their range: " + "; ".join(outside)))
+               f"{len(outside)} rows outside their range: " + "; ".join(outside))
+            + (f" (run otherwise than ours: {', '.join(unlike)}; a guide, not a test)" if unlike
+               else ""))
 
 
 def write(run, evaluation, out, references=REFERENCE):
@@ -195,7 +212,8 @@ def write(run, evaluation, out, references=REFERENCE):
             curves_html(run, reference)]
     if report is not None:
         rows = report.get("rows", [])
-        body += ["<h2>The toy benchmark</h2>", compared_table(rows, reference, stage)
+        body += ["<h2>The toy benchmark</h2>", compared_table(rows, reference, stage,
+                                                              unlike_ours(report, reference))
                  if reference and stage else pages.rows_table(rows)]
         for title, name in GRIDS:  # their files: relative to the evaluation folder
             if (evaluation / name).is_file():

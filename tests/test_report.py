@@ -1,10 +1,12 @@
 """report.py: metrics.jsonl read back, the SVG charts, and report.html over a curriculum's stages."""
+import dataclasses
 import json
 import re
 import xml.dom.minidom
 
 import pytest
 
+import benchmark
 import report
 from cli import Stop
 
@@ -98,6 +100,17 @@ def test_report_sets_a_run_beside_our_reference_runs(tmp_path):
     rows[1]["value"] = 0.5  # inside
     (evaluation / "eval.json").write_text(json.dumps(dict(rows=rows, model=str(checkpoint))))
     assert report.summary(run, evaluation, references=references).endswith("every row within their range")
+    # our runs' settings recorded: a benchmark run otherwise (fewer images) says so, in both places
+    settings = dict(seed=0, sampling=dict(steps=30), sizes=dict(images=16, questions=200))
+    (references / "toy" / "eval.json").write_text(json.dumps(dict(ours, settings=settings)))
+    same = dict(rows=rows, model=str(checkpoint), **settings)
+    (evaluation / "eval.json").write_text(json.dumps(same))
+    assert report.summary(run, evaluation, references=references).endswith("every row within their range")
+    (evaluation / "eval.json").write_text(json.dumps(dict(same, sizes=dict(images=4, questions=200))))
+    line = report.summary(run, evaluation, references=references)
+    assert line.endswith("(run otherwise than ours: images 4 (ours 16); a guide, not a test)")
+    text = report.write(run, evaluation, evaluation / "report.html", references=references).read_text()
+    assert "ran otherwise than ours (images 4 (ours 16))" in text
     # a preset we never ran: the plain table, no dashes
     (checkpoint / "config.json").write_text(json.dumps(dict(preset="tiny", stage="III")))
     (run / "curriculum.json").write_text(json.dumps(dict(preset="tiny", stages=["III"])))
@@ -112,6 +125,8 @@ def test_our_reference_runs_are_whole():
     # curves, its benchmark rows, and the same rows in each of our runs, the reference's first
     import recipes
     ours = json.loads((report.REFERENCE / "toy" / "eval.json").read_text())
+    assert ours["settings"]["sizes"] == dataclasses.asdict(benchmark.Sizes())  # the defaults
+    assert ours["settings"]["sampling"] == benchmark.SAMPLING and ours["settings"]["seed"] == 0
     for stage, _ in recipes.CURRICULA["toy"]:
         assert report.read_metrics(report.REFERENCE / "toy" / stage), stage
         rows, runs = ours["rows"][stage], ours["runs"][stage]
