@@ -34,6 +34,10 @@ def pictures(split, n, seed):  # n single-shape scenes of a split, and their pic
     return scenes, [data.draw(s) for s in scenes]
 
 
+def classes_of(scenes, field, classes):  # each single-shape scene's attribute, as a class index
+    return torch.tensor([classes.index(getattr(s.shapes[0], field)) for s in scenes])
+
+
 @torch.no_grad()
 def patch_features(model, images, layer, batch=256):  # -> (n, N, width), the CLS token left out
     pixels = model.clip_pixels(images)
@@ -59,15 +63,15 @@ def probe(model, layers, n_train=2000, n_test=500, seed=0, attributes=ATTRIBUTES
     # training's pairs (seen) and of the held-out pairs
     sets = {name: pictures(split, n, f"{seed}/{name}") for name, split, n in
             (("fit", "train", n_train), ("seen", "train", n_test), ("held_out", "eval", n_test))}
+    labels = {attribute: {name: classes_of(scenes, field, classes) for name, (scenes, _) in
+                          sets.items()} for attribute, (field, classes) in attributes.items()}
     rows = []
     for layer in tqdm(layers, desc="layers", unit="layer", disable=None):
         feats = {name: patch_features(model, images, layer) for name, (_, images) in sets.items()}
         for pool, view in pools.items():
             x = {name: view(f) for name, f in feats.items()}
-            for attribute, (field, classes) in attributes.items():
-                y = {name: torch.tensor([classes.index(getattr(s.shapes[0], field)) for s in
-                                         scenes]) for name, (scenes, _) in sets.items()}
-                predict = fit(x["fit"], y["fit"], len(classes))
+            for attribute, y in labels.items():
+                predict = fit(x["fit"], y["fit"], len(attributes[attribute][1]))
                 right = {name: (predict(x[name]) == y[name]).float().mean().item()
                          for name in ("seen", "held_out")}
                 rows.append(dict(layer=layer, pool=pool, attribute=attribute, **right))
@@ -100,7 +104,6 @@ def main(argv=None):
         p.error("--pictures must be at least 10 and --tests at least 1")
 
     def run():
-        torch.manual_seed(args.seed)
         model = cli.build_model(args.preset, seed=args.seed).eval()
         L = model.clip.config.vision.n_layers
         layers = range(L + 1) if args.layers is None else args.layers

@@ -148,8 +148,9 @@ def unlike_ours(report, reference):
     return [f"{k} {theirs.get(k)} (ours {v})" for k, v in ours.items() if theirs.get(k) != v]
 
 
-def compared_table(rows, reference, stage, unlike=()):  # beside_ours as a table, a row outside shaded
-    compared, n = beside_ours(rows, reference, stage)
+def compared_table(report, reference, stage):  # beside_ours as a table, a row outside shaded
+    compared, n = beside_ours(report.get("rows", []), reference, stage)
+    unlike = unlike_ours(report, reference)
     cells = [[r["name"], r["n"], *pages.proportion(r), "-" if ours is None else f"{ours:.2f}",
               "-" if lo is None else f"{lo:.2f} to {hi:.2f}"] for r, ours, lo, hi, _ in compared]
     shown = os.path.relpath(reference / "eval.json")  # reference/toy/eval.json, from the repo
@@ -211,10 +212,8 @@ def write(run, evaluation, out, references=REFERENCE):
     body = ["<h1>DreamLLM on the shapes world</h1>", "<h2>Training: the losses per stage</h2>",
             curves_html(run, reference)]
     if report is not None:
-        rows = report.get("rows", [])
-        body += ["<h2>The toy benchmark</h2>", compared_table(rows, reference, stage,
-                                                              unlike_ours(report, reference))
-                 if reference and stage else pages.rows_table(rows)]
+        body += ["<h2>The toy benchmark</h2>", compared_table(report, reference, stage)
+                 if reference and stage else pages.rows_table(report.get("rows", []))]
         for title, name in GRIDS:  # their files: relative to the evaluation folder
             if (evaluation / name).is_file():
                 body.append(f'<h3>{title}</h3><img src="{name}" alt="{title}">')

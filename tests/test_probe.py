@@ -19,7 +19,7 @@ def test_a_probe_reads_what_the_features_hold_and_not_shuffled_labels():
     assert row["seen"] >= 0.9 and 0 <= row["held_out"] <= 1, row
     scenes, images = probe.pictures("train", 300, "shuffled")
     x = probe.POOLS["flat"](probe.patch_features(model, images, read))
-    y = torch.tensor([probe.data.SHAPES.index(s.shapes[0].shape) for s in scenes])
+    y = probe.classes_of(scenes, "shape", probe.data.SHAPES)
     shuffled = y[:200][torch.randperm(200, generator=torch.Generator().manual_seed(0))]
     assert (probe.fit(x[:200], shuffled, 3)(x[200:]) == y[200:]).float().mean() < 0.6
 
