@@ -6,6 +6,7 @@ combinations that training never showed (data.HELD_OUT, split "eval").
     python benchmark.py --ckpt out/toy --out out/eval      # a train.py run: about a minute
     python benchmark.py --untrained                         # the toy preset as built: the baseline
     python benchmark.py --text-encoder                      # the toy SD from its own text states
+    python benchmark.py --fit-condition 400 --two-shapes 8  # ... from conditions fitted per prompt
     python benchmark.py --quick                             # a few of each, to see it run
     python sample.py --eval                                 # the same, from sample.py
 
@@ -40,8 +41,10 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
+import diffusion
 import judge
 import pages
+import unet
 
 # The toy's sampling, measured best for the toy SD: guidance 2 (weights/train_toy.py); DDIM's 30
 # steps draw as its 50 do. sample.py's defaults for the toy too.
@@ -128,12 +131,16 @@ def draw_all(model, prompts, k, sampling, g, desc, condition=None):
 
 # ------------------------------------------------------------------------------------- creation
 
+def two_shape_scenes(sizes, seed):  # the two-shape prompts' scenes, each of held-out pairs
+    return [data.random_scene(random.Random(f"{seed}/benchmark/two/{i}"), "eval", n_shapes=2)
+            for i in range(sizes.two_shapes)]
+
+
 def create(model, sizes, sampling, seed, condition=None):
     # -> rows, details, grids: held-out single shapes, two shapes bound and placed, counts
     # (condition: as draw_all's)
     singles = data.eval_prompts()  # [(prompt, colour, shape)]
-    scenes = [data.random_scene(random.Random(f"{seed}/benchmark/two/{i}"), "eval", n_shapes=2)
-              for i in range(sizes.two_shapes)]
+    scenes = two_shape_scenes(sizes, seed)
     twos = [data.caption(s, form="no size") for s in scenes]  # "a red circle on the left and ..."
     drawn = draw_all(model, [p for p, _, _ in singles], sizes.images, sampling, generator(seed, 0),
                      "create: single shapes", condition)
@@ -166,6 +173,49 @@ def create(model, sizes, sampling, seed, condition=None):
              "eval_two_shapes.png": [(p, images, [d["seen"] for d in two[i * len(images):]])
                                      for i, (p, images) in enumerate(zip(twos, drawn_two))]}
     return rows, dict(single=single, two_shapes=two), grids
+
+
+def drawings(shapes, n, rng, size):
+    # [(colour, shape, position or None)] -> (n, 3, size, size) in [-1, 1]: n pictures of what a
+    # prompt asks, sizes and jitter drawn anew, and the place where the prompt names none
+    jitter = lambda: rng.randint(-data.JITTER, data.JITTER)
+    return torch.stack([unet.preprocess(data.draw(data.Scene(tuple(
+        data.Shape(c, s, rng.choice(list(data.SIZES)), p or rng.choice(list(data.POSITIONS)),
+                   jitter(), jitter()) for c, s, p in shapes))), size) for _ in range(n)])
+
+
+def fitted_conditions(model, sizes, seed, steps, batch=16, lr=0.02):
+    # -> prompt -> (1, L, C). No LLM: each creation prompt's condition fitted directly, by the
+    # frozen UNet's denoising loss on 128 drawings of what the prompt asks (sizes and jitter drawn
+    # anew; a lone shape's place too), starting from E(prompt). What the frozen UNet can be made
+    # to draw at all: a bound on any condition DreamLLM's queries could learn (up to this search)
+    asked = [(p, [(c, s, None)]) for p, c, s in data.eval_prompts()]
+    asked += [(data.caption(sc, form="no size"), [(s.color, s.shape, s.position) for s in sc.shapes])
+              for sc in two_shape_scenes(sizes, seed)]
+    fitted, g = {}, torch.Generator().manual_seed(seed)
+    with torch.enable_grad(), tqdm(asked, desc="fit conditions", unit="prompt", disable=None) as bar:
+        for prompt, shapes in bar:
+            if prompt in fitted:
+                continue
+            pixels = drawings(shapes, 128, random.Random(prompt), model.config.image_size)
+            with torch.no_grad():  # the frozen VAE's posterior of each, once
+                mean, logvar = model.vae.encode(pixels.to(model.device))
+            std, z = (0.5 * logvar).exp(), model.vae.scaling_factor
+            context = model.text_states([prompt]).detach().clone().requires_grad_(True)
+            opt = torch.optim.Adam([context], lr=lr)
+            for _ in range(steps):
+                i = torch.randint(len(mean), (batch,), generator=g).to(model.device)
+                z0 = z * (mean[i] + std[i] * torch.randn(mean[i].shape, generator=g).to(model.device))
+                t = torch.randint(model.noise_scheduler.num_train_timesteps, (batch,), generator=g)
+                loss = diffusion.denoising_loss(model.unet, model.noise_scheduler, z0,
+                                                torch.randn(z0.shape, generator=g).to(model.device),
+                                                t.to(model.device), context.expand(batch, -1, -1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            fitted[prompt] = context.detach()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return lambda p: fitted[p] if p in fitted else model.text_states([p])  # the null: E("")
 
 
 # -------------------------------------------------------------------------------- comprehension
@@ -338,15 +388,19 @@ def mark(item):  # a judged item's row class in eval.html
 
 @torch.no_grad()
 def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
-              text_encoder=False):
+              text_encoder=False, fit_steps=0):
     # -> the rows; writes eval.json, eval.html, the grids and the documents' PNGs into `out`.
     # sampling: SAMPLING's keys (None: SAMPLING); sizes: Sizes (None: its defaults); meta: what
     # eval.json records of the run; text_encoder: no LLM, the creation rows drawn from the text
-    # encoder's own states of each prompt, E(prompt), as SD was trained: the ceiling of drawing
+    # encoder's own states of each prompt, E(prompt), as SD was trained; fit_steps > 0 with it:
+    # from conditions fitted to each prompt (fitted_conditions), the ceiling of drawing
     sampling, sizes, out, start = sampling or SAMPLING, sizes or Sizes(), Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    rows, details, grids = create(model, sizes, sampling, seed,
-                                  (lambda p: model.text_states([p])) if text_encoder else None)
+    condition = None
+    if text_encoder:
+        condition = (fitted_conditions(model, sizes, seed, fit_steps) if fit_steps else
+                     lambda p: model.text_states([p]))
+    rows, details, grids = create(model, sizes, sampling, seed, condition)
     if not text_encoder:  # the rest needs the LLM
         parts = [("vqa", lambda: vqa(model, sizes, seed, beams)),
                  ("vqa_seen", lambda: vqa(model, sizes, seed, beams, split="train")),
@@ -371,10 +425,14 @@ def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
 
 def load(args):
     # -> (model, what eval.json records of it): a train.py run, or the preset as built
-    if args.text_encoder:
+    if args.text_encoder or args.fit_condition:
+        flag = "--fit-condition" if args.fit_condition else "--text-encoder"
         model = cli.build_model(args.preset, seed=args.seed)
         if model.clip.config.text is None:
-            raise cli.Stop(f"--text-encoder: preset {args.preset} has no text encoder (toy has)")
+            raise cli.Stop(f"{flag}: preset {args.preset} has no text encoder (toy has)")
+        if args.fit_condition:
+            return model, dict(model=f"{args.preset}'s SD, drawn from a condition fitted to each "
+                               f"prompt ({args.fit_condition} steps from its text encoder's states)")
         return model, dict(model=f"{args.preset}'s SD, drawn from its text encoder's states")
     if args.untrained:
         return cli.build_model(args.preset, seed=args.seed), dict(model=f"{args.preset}, untrained")
@@ -398,7 +456,12 @@ def main(argv=None):
     p.add_argument("--text-encoder", action="store_true", help="no LLM: --preset's SD drawn "
                    "from its own text encoder's states of each prompt, as it was trained (the "
                    "ceiling of the creation rows; those rows only)")
-    p.add_argument("--preset", default="toy", help="the preset of --untrained, --text-encoder")
+    p.add_argument("--fit-condition", type=int, default=0, metavar="STEPS", help="no LLM: "
+                   "--preset's SD drawn from a condition fitted to each creation prompt by STEPS "
+                   "steps of its denoising loss on drawings of that prompt, from E(prompt): what "
+                   "the frozen UNet can be made to draw (those rows only; 400: ~40 s a prompt)")
+    p.add_argument("--preset", default="toy", help="the preset of --untrained, --text-encoder, "
+                   "--fit-condition")
     p.add_argument("--out", default="out/eval", help="folder for eval.json, eval.html, the PNGs")
     p.add_argument("--seed", type=int, default=0, help="the items and the noise")
     p.add_argument("--quick", action="store_true", help="a few of each (QUICK), to see it run")
@@ -414,6 +477,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Sizes) if getattr(args, f.name)
              is not None}
+    if args.fit_condition < 0:
+        p.error("--fit-condition must be at least 1 (or left out)")
     if bad := [k for k, v in dict(given, steps=args.steps).items() if v < 1]:
         p.error(f"--{bad[0].replace('_', '-')} must be at least 1")
     sizes = replace(QUICK if args.quick else Sizes(), **given)
@@ -425,7 +490,8 @@ def main(argv=None):
         model = model.to(device).eval()
         with cli.autocast(device):
             benchmark(model, args.out, args.seed, sampling, sizes, meta=meta,
-                      text_encoder=args.text_encoder)
+                      text_encoder=args.text_encoder or args.fit_condition > 0,
+                      fit_steps=args.fit_condition)
     cli.main(run, "benchmark.py")
 
 

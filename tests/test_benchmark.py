@@ -255,6 +255,57 @@ def test_text_encoder_draws_from_e_of_each_prompt_and_judges_creation_only(tmp_p
     assert not (tmp_path / "o").exists()
 
 
+def test_drawings_show_what_the_prompt_asks_and_vary_the_rest():
+    # the fitted conditions' data: the asked colours, shapes and places; sizes and places vary
+    pictures = benchmark.drawings([("red", "circle", "on the left"), ("blue", "square", "on the right")],
+                                  6, random.Random(0), data.IMAGE_SIZE)
+    assert pictures.shape == (6, 3, data.IMAGE_SIZE, data.IMAGE_SIZE) and pictures.min() >= -1
+    for x in pictures:
+        image = Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        found = sorted((f.color, f.shape, f.position) for f in judge.analyse_scene(image))
+        assert found == [("blue", "square", "on the right"), ("red", "circle", "on the left")]
+    lone = benchmark.drawings([("green", "circle", None)], 40, random.Random(1), data.IMAGE_SIZE)
+    seen = [judge.analyse_scene(Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0)
+                                                .numpy())) for x in lone]
+    assert all(len(f) == 1 and (f[0].color, f[0].shape) == ("green", "circle") for f in seen)
+    assert len({f[0].position for f in seen}) >= 4 and len({f[0].size for f in seen}) == 2
+
+
+def test_fitted_conditions_lower_the_frozen_unets_loss_on_fresh_drawings(capsys, tmp_path):
+    # fitted by the denoising loss from E(prompt); judged on drawings the fit never saw, with the
+    # same noise and timesteps for both conditions, so only the condition differs
+    torch.manual_seed(0)
+    model = cli.build_model("tiny-text", seed=0).eval()
+    sizes = dataclasses.replace(TINY, two_shapes=1)
+    fitted = benchmark.fitted_conditions(model, sizes, 0, steps=40)
+    prompt, colour, shape = data.eval_prompts()[0]
+    assert not torch.equal(fitted(prompt), model.text_states([prompt]))
+    assert torch.equal(fitted(""), model.text_states([""]))  # CFG's null stays E("")
+    with torch.no_grad():
+        mean, _ = model.vae.encode(benchmark.drawings([(colour, shape, None)], 64, random.Random(9),
+                                                      model.config.image_size))
+        z0, g = model.vae.scaling_factor * mean, torch.Generator().manual_seed(1)
+        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(model.noise_scheduler.num_train_timesteps, (len(z0),), generator=g)
+        loss = {name: benchmark.diffusion.denoising_loss(model.unet, model.noise_scheduler, z0, eps, t,
+                                                         c.expand(len(z0), -1, -1)).item()
+                for name, c in (("E", model.text_states([prompt])), ("fitted", fitted(prompt)))}
+    assert loss["fitted"] < loss["E"], loss
+    # the flag: creation rows only, the model named, and bad values refused in one line
+    benchmark.main(["--fit-condition", "2", "--preset", "tiny-text", "--quick", "--steps", "2",
+                    "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["name"] for r in report["rows"]] == [r for r in ROWS if r.startswith("create:")]
+    assert "fitted to each prompt (2 steps" in report["model"]
+    for argv, code, says in [(["--fit-condition", "-1"], 2, "--fit-condition must be at least 1"),
+                             (["--fit-condition", "2", "--preset", "tiny"], 1, "no text encoder")]:
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(argv + ["--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == code and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
 # --------------------------------------------------------------------------- sample.py's hooks
 
 @pytest.fixture(scope="module")
