@@ -388,20 +388,15 @@ def mark(item):  # a judged item's row class in eval.html
 
 @torch.no_grad()
 def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
-              text_encoder=False, fit_steps=0):
+              condition=None):
     # -> the rows; writes eval.json, eval.html, the grids and the documents' PNGs into `out`.
     # sampling: SAMPLING's keys (None: SAMPLING); sizes: Sizes (None: its defaults); meta: what
-    # eval.json records of the run; text_encoder: no LLM, the creation rows drawn from the text
-    # encoder's own states of each prompt, E(prompt), as SD was trained; fit_steps > 0 with it:
-    # from conditions fitted to each prompt (fitted_conditions), the ceiling of drawing
+    # eval.json records of the run; condition: prompt -> (1, L, C) in place of the LLM's, the
+    # creation rows only, e.g. the text encoder's own E(prompt) or fitted_conditions: the ceilings
     sampling, sizes, out, start = sampling or SAMPLING, sizes or Sizes(), Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    condition = None
-    if text_encoder:
-        condition = (fitted_conditions(model, sizes, seed, fit_steps) if fit_steps else
-                     lambda p: model.text_states([p]))
     rows, details, grids = create(model, sizes, sampling, seed, condition)
-    if not text_encoder:  # the rest needs the LLM
+    if condition is None:  # the rest needs the LLM
         parts = [("vqa", lambda: vqa(model, sizes, seed, beams)),
                  ("vqa_seen", lambda: vqa(model, sizes, seed, beams, split="train")),
                  ("captions", lambda: captions(model, sizes, seed)),
@@ -489,9 +484,12 @@ def main(argv=None):
         model, meta = load(args)
         model = model.to(device).eval()
         with cli.autocast(device):
-            benchmark(model, args.out, args.seed, sampling, sizes, meta=meta,
-                      text_encoder=args.text_encoder or args.fit_condition > 0,
-                      fit_steps=args.fit_condition)
+            condition = None  # the LLM's
+            if args.fit_condition:
+                condition = fitted_conditions(model, sizes, args.seed, args.fit_condition)
+            elif args.text_encoder:
+                condition = lambda p: model.text_states([p])
+            benchmark(model, args.out, args.seed, sampling, sizes, meta=meta, condition=condition)
     cli.main(run, "benchmark.py")
 
 
