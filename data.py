@@ -23,7 +23,7 @@ that is wrong raises ValueError("manifest.jsonl:LINE: problem").
 import itertools
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,21 @@ def draw(scene, size=IMAGE_SIZE, supersample=4):
     return img.reduce(supersample)
 
 
+FIELDS = {"colour": "color", "shape": "shape", "place": "position"}  # what a twin swaps
+
+
+def swapped(scene, what):
+    """A two-shape scene with its shapes' colours, shapes or places (a key of FIELDS) exchanged:
+    the twin a compositional test sets beside the truth ("a red circle on the left and a blue
+    square on the right" -> "... a blue circle on the left and a red square ..."). None where the
+    two shapes share that attribute (the twin would be the scene itself)."""
+    a, b = scene.shapes
+    field = FIELDS[what]
+    if getattr(a, field) == getattr(b, field):
+        return None
+    return Scene((replace(a, **{field: getattr(b, field)}), replace(b, **{field: getattr(a, field)})))
+
+
 # ------------------------------------------------------------------------------------------ text
 
 def _phrase(s, form):
@@ -119,11 +134,14 @@ def _phrase(s, form):
     return "a " + " ".join(words)
 
 
+FORMS = ("full", "full", "no size", "no position", "short")  # a caption's form, drawn from
+
+
 def caption(scene, rng=None, form="full"):
     """'a small red circle on the left [and a large blue square on the right]'. With an rng, some
     captions drop the size or the position, so a model also learns the short forms prompts use."""
     if rng is not None:
-        form = rng.choice(("full", "full", "no size", "no position", "short"))
+        form = rng.choice(FORMS)
     return " and ".join(_phrase(s, form) for s in scene.shapes)
 
 

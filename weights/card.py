@@ -1,0 +1,124 @@
+"""The toy backbones' report card: can they bind two shapes' colours, shapes and places, before a
+DreamLLM is judged on top of them?
+
+    python -m weights.train_toy --card          # the card of weights/toy/, training nothing
+
+weights/train_toy.py prints a part's rows as soon as it has trained it and writes them all to
+weights/toy/card.json; it also turns its models into the plain functions the measures read. Every row is a proportion of fresh items drawn from SEED, a seed no training
+used, with its N and 95% Wilson interval (benchmark.row):
+  clip: swaps      two-shape scenes: the true caption scores above its twin with the two shapes'
+                   colours (places, shapes) exchanged (data.swapped); a tie counts a half, so a
+                   text tower that ignores word order scores 0.50, a bag of words (Winoground, ARO)
+  clip: zero-shot  single shapes against all 90 prompts "a {colour} {shape} {place}": each right
+  clip: probe      a linear probe (probe.py) of the layer a DreamLLM reads, fitted on single
+                   shapes of training's colour-shape pairs, tested on data.HELD_OUT's: what a
+                   reader trained on the split can read of pairs it never saw
+  sd               the toy SD drawn from its own text encoder's states E(prompt), DDIM 30 steps,
+                   guidance 2, judged by judge.analyse_scene: held-out single shapes, both colour
+                   and shape right; two shapes of held-out pairs, each colour bound to its shape and
+                   placed ("a green circle on the left and a red square on the right"); the count
+The measures take plain functions (images -> embeddings, texts -> embeddings, prompts -> images),
+so tests/test_card.py checks each on models built to pass or fail it.
+"""
+import random
+
+import torch
+import torch.nn.functional as F
+
+import benchmark
+import data
+import judge
+import probe
+
+SEED = 777  # the card's scenes; train_toy's parts draw theirs from --seed (0) and its neighbours
+SIZES = dict(swaps=400, zero_shot=450, probe_fit=2000, probe_test=500, singles=24, twos=32, per_two=4)
+PROBED = {"colour": "color", "shape": "shape", "place": "position"}
+
+
+def scenes(kind, n, split="all", n_shapes=1):
+    return [data.random_scene(random.Random(f"card/{SEED}/{kind}/{i}"), split, n_shapes)
+            for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------ CLIP
+
+@torch.no_grad()
+def swaps(image_embeddings, text_embeddings):
+    # -> {"colour": [1, 0.5 or 0 per scene], "place": ..., "shape": ...}: the true caption's
+    # cosine against its twin's, on two-shape scenes (fewer rows where the twin is the truth)
+    two = scenes("swaps", SIZES["swaps"], n_shapes=2)
+    img = F.normalize(image_embeddings([data.draw(s) for s in two]).float(), dim=-1)
+    truth = F.normalize(text_embeddings([data.caption(s, form="no size") for s in two]).float(), dim=-1)
+    true = (img * truth).sum(-1)
+    rights = {}
+    for what in data.FIELDS:
+        keep = [i for i, s in enumerate(two) if data.swapped(s, what) is not None]
+        twins = [data.caption(data.swapped(two[i], what), form="no size") for i in keep]
+        twin = (img[keep] * F.normalize(text_embeddings(twins).float(), dim=-1)).sum(-1)
+        rights[what] = ((true[keep] > twin).float() + 0.5 * (true[keep] == twin).float()).tolist()
+    return rights
+
+
+@torch.no_grad()
+def zero_shot(image_embeddings, text_embeddings):
+    # -> {"colour": [bool], "shape": ..., "place": ...}: single shapes, the best of 90 prompts
+    prompts = [(c, s, p) for c in data.COLORS for s in data.SHAPES for p in data.POSITIONS]
+    txt = F.normalize(text_embeddings([f"a {c} {s} {p}" for c, s, p in prompts]).float(), dim=-1)
+    singles = scenes("zero-shot", SIZES["zero_shot"])
+    img = F.normalize(image_embeddings([data.draw(s) for s in singles]).float(), dim=-1)
+    best = [prompts[j] for j in (img @ txt.T).argmax(-1).tolist()]
+    truth = [(s.shapes[0].color, s.shapes[0].shape, s.shapes[0].position) for s in singles]
+    return {what: [b[k] == t[k] for b, t in zip(best, truth)] for k, what in enumerate(PROBED)}
+
+
+def probe_held_out(patch_features):
+    # -> {"colour": [bool], ...}: linear probes of flat patch features (images -> (n, N, width))
+    # fitted on training's pairs, each tested on fresh single shapes of HELD_OUT's
+    fit_scenes = scenes("probe-fit", SIZES["probe_fit"], "train")
+    test_scenes = scenes("probe-test", SIZES["probe_test"], "eval")
+    x_fit, x_test = (probe.POOLS["flat"](patch_features([data.draw(s) for s in group]))
+                     for group in (fit_scenes, test_scenes))
+    rights = {}
+    for what, field in PROBED.items():
+        classes = list({"color": data.COLORS, "shape": data.SHAPES, "position": data.POSITIONS}[field])
+        predict = probe.fit(x_fit, probe.classes_of(fit_scenes, field, classes), len(classes))
+        rights[what] = (predict(x_test) == probe.classes_of(test_scenes, field, classes)).tolist()
+    return rights
+
+
+def clip_rows(image_embeddings, text_embeddings, patch_features):
+    rows = [benchmark.row(f"clip: true caption over its {what}-swapped twin", r)
+            for what, r in swaps(image_embeddings, text_embeddings).items()]
+    rows += [benchmark.row(f"clip: zero-shot single shape, {what}", r)
+             for what, r in zero_shot(image_embeddings, text_embeddings).items()]
+    rows += [benchmark.row(f"clip: read layer's probe on held-out pairs, {what}", r)
+             for what, r in probe_held_out(patch_features).items()]
+    return rows
+
+
+# ------------------------------------------------------------------------------------ SD
+
+def sd_rows(draw):
+    # draw(prompts, seed) -> one PIL image per prompt. -> (rows, [(prompt, [images])] for a grid)
+    k, m = SIZES["singles"], SIZES["per_two"]
+    singles = [(p, c, s) for p, c, s in data.eval_prompts() for _ in range(k)]  # "a blue triangle"
+    twos = [s for s in scenes("two", SIZES["twos"], "eval", n_shapes=2) for _ in range(m)]  # held-out pairs
+    prompts = [p for p, _, _ in singles] + [data.caption(s, form="no size") for s in twos]
+    images = draw(prompts, SEED)
+    found = [judge.analyse_scene(im) for im in images]  # [Found] per image
+    single = [(big := benchmark.largest(f)) is not None and (big.color, big.shape) == (c, s)
+              for f, (_, c, s) in zip(found, singles)]
+    two = [sorted((x.color, x.shape, x.position) for x in f) == sorted((x.color, x.shape, x.position) for x in s.shapes)
+           for f, s in zip(found[len(singles):], twos)]
+    counts = [len(f) == (1 if i < len(singles) else 2) for i, f in enumerate(found)]
+    rows = [benchmark.row("sd: held-out single shape, both right", single),
+            benchmark.row("sd: two shapes bound and placed", two),
+            benchmark.row("sd: number of shapes", counts)]
+    shown = [(prompts[i], images[i:i + min(k, 8)]) for i in range(0, len(singles), k)]
+    shown += [(prompts[i], images[i:i + m]) for i in range(len(singles), min(len(prompts), len(singles) + 8 * m), m)]
+    return rows, shown
+
+
+def table(rows):  # the card as text: value, interval, N
+    return "\n".join(f"  {r['name']:<52} {r['value']:.2f} [{r['low']:.2f}, {r['high']:.2f}]  N={r['n']}"
+                     for r in rows)
