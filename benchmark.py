@@ -406,6 +406,10 @@ def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
             rows += more
     for name, rows_of_images in grids.items():
         grid(rows_of_images).save(out / name)
+    # a glance for report.py's summary.png: six pictures of each single prompt, two of two shapes
+    glance = [(p, ims[:6], seen[:6]) for p, ims, seen in grids["eval_grid.png"]]
+    grid(glance + [(p, ims[:6], seen[:6]) for p, ims, seen in grids["eval_two_shapes.png"][:2]]
+         ).save(out / "held_out.png")
     seconds = time.time() - start
     about = (f"seed {seed}, {sampling['sampler']} {sampling['steps']} steps, guidance "
              f"{sampling['guidance']}; {seconds:.0f} s" +

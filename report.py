@@ -225,7 +225,91 @@ def write(run, evaluation, out, references=REFERENCE):
     page = pages.page("DreamLLM report", body)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
+    if report is not None:
+        summary_png(run, evaluation, report, out.parent / "summary.png")
     return out
+
+
+def summary_png(run, evaluation, report, out, width=1100):
+    # One picture of what the main job gives, for the README: the held-out prompts' drawings
+    # (the benchmark's held_out.png), the first document it wrote, and each stage's loss curves
+    # (running means, log scale), drawn with Pillow
+    from PIL import Image, ImageDraw
+    panels = []
+    if (evaluation / "held_out.png").is_file():
+        panels.append(Image.open(evaluation / "held_out.png").convert("RGB"))
+    for document in report.get("details", {}).get("documents", [])[:1]:
+        panels.append(document_png(evaluation, document))
+    charts = [chart_png(read_metrics(folder), folder.name) for folder in stage_folders(run)
+              if read_metrics(folder)]
+    top = max([p.height for p in panels], default=0)
+    width = max(width, 8 + sum(p.width + 16 for p in panels))
+    canvas = Image.new("RGB", (width, 24 + top + (200 if charts else 0) + 10), "white")
+    pen = ImageDraw.Draw(canvas)
+    pen.text((8, 6), "Held-out prompts, drawn", fill="black")
+    x = 8
+    for i, panel in enumerate(panels):
+        if i:
+            pen.text((x, 6), "A document it wrote", fill="black")
+        canvas.paste(panel, (x, 22))
+        x += panel.width + 16
+    for i, chart in enumerate(charts):
+        canvas.paste(chart, (8 + i * (width - 16) // max(4, len(charts)), 24 + top))
+    canvas.save(out, optimize=True)
+    return out
+
+
+def document_png(evaluation, document, width=300, scale=2):
+    # a document's segments as a column: its opening in bold, text wrapped, pictures scaled up
+    from PIL import Image, ImageDraw
+    lines = [("b", document.get("opening", ""))]
+    for seg in document.get("segments", []):
+        lines += [("img", seg["image"])] if "image" in seg else [("t", seg.get("text", ""))]
+    canvas = Image.new("RGB", (width, 600), "white")
+    pen, y = ImageDraw.Draw(canvas), 0
+    for kind, value in lines:
+        if kind == "img" and (evaluation / value).is_file():
+            im = Image.open(evaluation / value).convert("RGB")
+            canvas.paste(im.resize((im.width * scale, im.height * scale), Image.NEAREST), (0, y + 2))
+            y += im.height * scale + 6
+            continue
+        words, line = value.split(), ""
+        for word in words + [None]:  # wrap at the panel's width
+            if word is None or pen.textlength(f"{line} {word}".strip()) > width - 4:
+                pen.text((0, y), line, fill="black" if kind == "b" else "dimgray")
+                y, line = y + 13, word or ""
+            else:
+                line = f"{line} {word}".strip()
+    return canvas.crop((0, 0, width, min(600, y + 4)))
+
+
+def chart_png(metrics, stage, width=260, height=190, pad=34):
+    # one stage's losses, running means on a log scale, each in its COLOURS colour
+    from PIL import Image, ImageDraw
+    series = {k: smooth(v, max(1, len(v) // 20)) for k, v in losses(metrics).items()}
+    points = [(x, y) for v in series.values() for x, y in v if y > 0 and math.isfinite(y)]
+    canvas = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(canvas)
+    pen.text((pad, 2), f"stage {stage}", fill="black")
+    if not points:
+        return canvas
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    y0 = math.floor(math.log10(min(y for _, y in points)))
+    y1 = max(y0 + 1, math.ceil(math.log10(max(y for _, y in points))))
+    px = lambda x, y: (pad + (x - x0) / max(1, x1 - x0) * (width - pad - 6),
+                       18 + (y1 - math.log10(y)) / (y1 - y0) * (height - 36))
+    for e in range(y0, y1 + 1):  # a grid line per decade
+        v = px(x0, 10.0 ** e)[1]
+        pen.line([(pad, v), (width - 6, v)], fill="#ddd")
+        pen.text((2, v - 6), f"1e{e}", fill="gray")
+    pen.text((pad, height - 14), f"step {x0}", fill="gray")
+    pen.text((width - 60, height - 14), f"{x1}", fill="gray")
+    for i, (name, pts) in enumerate(series.items()):
+        pts = [px(x, y) for x, y in pts if y > 0 and math.isfinite(y)]
+        if len(pts) > 1:
+            pen.line(pts, fill=COLOURS.get(name, "#555"), width=2)
+        pen.text((width - 80, 18 + 12 * i), name, fill=COLOURS.get(name, "#555"))
+    return canvas
 
 
 def main(argv=None):

@@ -133,3 +133,28 @@ def test_our_reference_runs_are_whole():
         assert [r["name"] for r in rows] == list(runs)
         assert all(len(v) == len(ours["runs"]["III"]["VQA: all"]) >= 3 for v in runs.values())
         assert [r["value"] for r in rows] == [v[0] for v in runs.values()]
+
+
+def test_summary_png_shows_the_drawings_a_document_and_each_stages_curves(tmp_path):
+    from PIL import Image
+    run, evaluation = tmp_path / "toy", tmp_path / "eval"
+    run.mkdir()
+    (run / "curriculum.json").write_text(json.dumps(dict(stages=["I-creation", "II"])))
+    write_metrics(run / "I-creation", "I-creation", [(0.0, 0.3 / s) for s in range(1, 40)])
+    write_metrics(run / "II", "II", [(2.0 / s, 0.1) for s in range(1, 40)])
+    (evaluation / "documents").mkdir(parents=True)
+    Image.new("RGB", (120, 90), (10, 200, 10)).save(evaluation / "held_out.png")  # the drawings
+    Image.new("RGB", (64, 64), (200, 10, 200)).save(evaluation / "documents" / "0_0.png")
+    document = dict(opening="Here is a red circle.", segments=[dict(image="documents/0_0.png"),
+                                                              dict(text=" It is red.")])
+    (evaluation / "eval.json").write_text(json.dumps(dict(rows=[], details=dict(documents=[document]))))
+    report.write(run, evaluation, evaluation / "report.html")
+    picture = Image.open(evaluation / "summary.png").convert("RGB")
+    colours = set(picture.getdata())
+    assert picture.getpixel((8 + 60, 22 + 45)) == (10, 200, 10)  # the drawings, top left
+    assert (200, 10, 200) in colours  # the document's picture, scaled up beside them
+    lm, diffusion = (tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in
+                     (report.COLOURS["lm"], report.COLOURS["diffusion"]))
+    assert lm in colours and diffusion in colours  # II's LM curve, both stages' diffusion
+    left_chart = picture.crop((0, picture.height - 200, picture.width // 4, picture.height))
+    assert lm not in set(left_chart.getdata())  # I-creation logged no LM loss: no line of it
