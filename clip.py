@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoint import CheckpointError, assign, check_types, read_config, read_state_dict, weight_files
+from plumbing.checkpoint import CheckpointError, assign, check_types, read_config, read_state_dict, weight_files
 
 
 @dataclass

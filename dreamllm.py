@@ -10,9 +10,9 @@ LM loss: the frozen UNet's score teaches the LLM to speak its language ("score d
     L = w_lm CE(next token)  +  w_diffusion |f(unet(z_t, t, c)) - target(z_0, eps, t)|^2
 
 forward() returns the two terms; a training stage picks their weights (train.py). The peers'
-objective, alignment to the text encoder's states, is a DreamConfig choice beside it (alignment.py).
-Every image of a document is written as a dream slot, then a read slot: the model creates it, then
-reads it back.
+objective, alignment to the text encoder's states, is a DreamConfig choice beside it
+(plumbing/alignment.py). Every image of a document is written as a dream slot, then a read slot: the
+model creates it, then reads it back.
 
     <dream_start> <im_patch> x K <dream_end> <im_start> <im_patch> x N <im_end>
                   dream queries                         CLIP features, projected
@@ -31,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-import alignment
 import clip
 import diffusion
 import llama
 import unet
+from plumbing import alignment
 
 SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", "<dream_start>",
                   "<dream_end>"]
@@ -89,9 +89,9 @@ class DreamConfig:
     lm_mean: str = "token"              # the LM loss: a mean over the batch's labelled tokens
                                         # (official, LLaVA's) | "example": of each example's mean,
                                         # so a 2-token answer weighs as much as a document
-    # the creation objective (alignment.py; sweep.py objective compares them). The stage's
-    # diffusion weight weighs the creation loss: w (diffusion + align_weight * align), each term
-    # as the objective has it
+    # the creation objective (plumbing/alignment.py; `python -m tools.sweep objective` compares
+    # them). The stage's diffusion weight weighs the creation loss: w (diffusion + align_weight *
+    # align), each term as the objective has it
     objective: str = "score"            # "score": SD's denoising loss through the frozen UNet
                                         # (DreamLLM) | "align": the condition regressed onto the
                                         # text encoder's states of the caption (GILL) | "both"
@@ -541,7 +541,7 @@ PRESETS = {
     # 32 px CLIP (16 patches); a 4x VAE: 64 px images, 16 x 16 latents.
     "tiny": dict(llm="tiny", clip="clip-tiny-vision", sd="tiny",
                  config=DreamConfig(n_queries=8, image_size=64)),
-    # tiny, with CLIP's text tower: what the alignment objective regresses onto (alignment.py)
+    # tiny, with CLIP's text tower: what the alignment objective regresses onto (plumbing/alignment.py)
     "tiny-text": dict(llm="tiny", clip="clip-tiny", sd="tiny",
                       config=DreamConfig(n_queries=8, image_size=64)),
     # the shapes world's own pretrained backbones, loaded from weights/toy/ (made by

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import CheckpointError, assign, check_types, read_config, read_state_dict, weight_files
+from plumbing.checkpoint import CheckpointError, assign, check_types, read_config, read_state_dict, weight_files
 
 
 @dataclass

@@ -5,20 +5,20 @@ image -> text, and the shapes world's evaluation.
     python sample.py --document "Here is a blue square. <image>"   # document.html, document.json
     python sample.py --image out/samples/a_red_circle_0.png --question "What colour is the circle?"
     python sample.py --image out/samples/a_red_circle_0.png --prompt "<image> the same, in blue"
-    python sample.py --eval                  # the benchmark: eval.html, eval.json (benchmark.py)
+    python sample.py --eval                  # the benchmark (shapes/benchmark.py): eval.html, eval.json
 
 The released DreamLLM-7B (python -m weights.download dreamllm-7b-chat sd-2.1-base; 8.0B parameters,
 16 GB of GPU memory in bf16), with its official prompt format and the official scripts' sampling
-(official.py: DDPM, 150 steps; answers by 5 beams), and plain SD 2.1-base beside it with its own
-text encoder, the paper's baseline:
+(weights/official.py: DDPM, 150 steps; answers by 5 beams), and plain SD 2.1-base beside it with its
+own text encoder, the paper's baseline:
 
     python sample.py --model dreamllm-7b --prompt "a red bicycle against a brick wall" --baseline-sd
     python sample.py --model dreamllm-7b --image photo.jpg --question "What is unusual here?" --max-new-tokens 128
     python sample.py --model dreamllm-7b --document "Write a short recipe for pancakes, with pictures."
 
---eval runs the shapes world's benchmark (benchmark.py) on colour-shape combinations no training
-document showed: drawing them, answering and captioning them, writing documents about them, all
-judged by judge.analyse_scene and judge.parse_caption, the toy world's FID table. --untrained
+--eval runs the shapes world's benchmark (shapes/benchmark.py) on colour-shape combinations no
+training document showed: drawing them, answering and captioning them, writing documents about them,
+all judged by judge.analyse_scene and judge.parse_caption, the toy world's FID table. --untrained
 evaluates the preset as built (dream queries at init), the baseline that shows what training did.
 """
 import contextlib
@@ -30,14 +30,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-import benchmark
-import checkpoint
-import cli
-import data
-import official
-import pages
-import report
-from cli import Stop
+from plumbing import checkpoint, cli
+from plumbing.cli import Stop
+from shapes import benchmark, data, pages, report
+from weights import official
 
 DEFAULT_PRESET = "toy"  # train.py's: what `python sample.py` samples (out/toy)
 
@@ -115,7 +111,7 @@ def evaluate(model, run, args, sampling, out):
     if run is not None:  # the page to look at: the training's curves beside the benchmark's
         folder = args.ckpt or Path("out") / run["preset"]
         print(f"wrote {report.write(folder, out, out / 'report.html')}")
-        if line := report.summary(folder, out):  # is this run like ours? (reference/<preset>/)
+        if line := report.summary(folder, out):  # is this run like ours? (docs/reference/<preset>/)
             print(line)
 
 
@@ -132,7 +128,7 @@ def main(argv=None):
                       "(document.html); a final <image> asks for an image there")
     what.add_argument("--question", help="a question about --image, answered")
     what.add_argument("--eval", action="store_true", help="the shapes world's benchmark "
-                      "(benchmark.py): eval.json, eval.html")
+                      "(shapes/benchmark.py): eval.json, eval.html")
     p.add_argument("--image", help="the image --question asks about, or that --prompt draws from")
     p.add_argument("--model", help="the released DreamLLM: a preset (dreamllm-7b, "
                    "dreamllm-7b-aesthetic) or its folder; instead of --ckpt")
@@ -150,8 +146,9 @@ def main(argv=None):
                    "eval.json")
     p.add_argument("--num-images", type=int, default=4, help="images for --prompt")
     p.add_argument("--seed", type=int, default=0, help="the noise (and the text, if --temperature > 0)")
-    how = p.add_argument_group("sampling (default: the official scripts' for --model, official.py's "
-                               "SAMPLING; for the toy, DDIM 30 steps at guidance 2)")
+    how = p.add_argument_group("sampling (default: the official scripts' for --model, "
+                               "weights/official.py's SAMPLING; for the toy, DDIM 30 steps at "
+                               "guidance 2)")
     how.add_argument("--sampler", choices=["ddim", "ddpm"], help="the denoising sampler")
     how.add_argument("--steps", type=int, help="denoising steps")
     how.add_argument("--guidance", type=float, help="classifier-free guidance scale (1: none)")
@@ -162,7 +159,7 @@ def main(argv=None):
                      "greedy or sampled; default: 5 for --model, as the official VQA runs, else 1)")
     how.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write")
     how.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    sizes = benchmark.Sizes()  # --eval's other sizes: python benchmark.py -h
+    sizes = benchmark.Sizes()  # --eval's other sizes: python -m shapes.benchmark -h
     p.add_argument("--eval-images", type=int, default=sizes.images, help="--eval: images per "
                    "held-out single-shape prompt")
     p.add_argument("--eval-questions", type=int, default=sizes.questions, help="--eval: VQA "

@@ -11,14 +11,15 @@ groups train, the weights of the two losses, the learning rate and the mix of tr
 The loss: w_lm * CE(next token) + w_diffusion * |unet(z_t, t, c) - target|^2 (dreamllm.py returns the
 two terms, the stage weighs them), c the projected hidden states of the dream queries. CLIP, the
 VAE and the UNet never train. (--objective align or both: the peers' alignment in place of the
-diffusion term or beside it, alignment.py.)
+diffusion term or beside it, plumbing/alignment.py.)
 
-A run's folder (--out) holds its newest checkpoint, step-<N>/ (checkpoint.py: written whole, then
-renamed, so a crash or a full disk at any moment leaves the last whole one). Example e of the run and
-its noise are pure functions of (seed, e), so `--resume` ends bit-identical (on CPU) to the same run
-uninterrupted, and under torchrun each process takes a slice of the same global batch: N processes
-give the losses of one (to float rounding; see parallel.py). A folder that holds a checkpoint is
-only ever continued, with --resume and the same settings (--steps may grow, the device may change).
+A run's folder (--out) holds its newest checkpoint, step-<N>/ (plumbing/checkpoint.py: written
+whole, then renamed, so a crash or a full disk at any moment leaves the last whole one). Example e
+of the run and its noise are pure functions of (seed, e), so `--resume` ends bit-identical (on CPU)
+to the same run uninterrupted, and under torchrun each process takes a slice of the same global
+batch: N processes give the losses of one (to float rounding; see plumbing/parallel.py). A folder
+that holds a checkpoint is only ever continued, with --resume and the same settings (--steps may
+grow, the device may change).
 Ctrl-C or SIGTERM: the step finishes, the run saves and exits (status 130).
 """
 import argparse
@@ -35,16 +36,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import alignment
-import checkpoint
-import cli
-import data
 import dreamllm
-import parallel
 from dreamllm import LAYOUTS
-from cli import Interrupted, Stop
-from recipes import CURRICULA, DEFAULT_PRESET, STAGES, recipe, stage_of
-from whitening import Whitening
+from plumbing import alignment, checkpoint, cli, parallel
+from plumbing.cli import Interrupted, Stop
+from plumbing.recipes import CURRICULA, DEFAULT_PRESET, STAGES, recipe, stage_of
+from plumbing.whitening import Whitening
+from shapes import data
 
 PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight",
              "anchor_weight", "stop_after")
@@ -233,7 +231,7 @@ def by_length(lengths, saving=0.4):
 
 def log_metrics(out, record):
     # one JSON line per logged step, appended to the run's metrics.jsonl (the curves to compare
-    # with: report.py draws them); a resumed run appends after the lines of its first part
+    # with: shapes/report.py draws them); a resumed run appends after the lines of its first part
     with open(Path(out) / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -469,7 +467,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on weight matrices only")
     p.add_argument("--whiten", action=argparse.BooleanOptionalAction,
                    help="train the condition projector in whitened coordinates, a trick of ours "
-                   "(whitening.py; stages with the LLM frozen; default: the preset's recipe, on for toy)")
+                   "(plumbing/whitening.py; stages with the LLM frozen; default: the preset's recipe, on "
+                   "for toy)")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu (fp32)")
     p.add_argument("--out", help="the run's folder (default: out/<preset>-<stage>; --stage all: "
                    "out/<preset>, a folder per stage)")
@@ -477,7 +476,7 @@ def parse_args(argv=None):
     p.add_argument("--init", help="start from the trained state of another run's folder (e.g. stage I's)")
     p.add_argument("--seed", type=int, default=0, help="the initialisation, the data order and the noise")
     p.add_argument("--data", default="shapes", help="'shapes' (the shapes world) or a JSONL manifest of "
-                   "interleaved documents (see data.py), read into memory once")
+                   "interleaved documents (see shapes/data.py), read into memory once")
     p.add_argument("--mix", help="the kinds of example to cycle over, e.g. 'i2t,vqa' (default: the "
                    f"stage's; kinds: {', '.join(data.KINDS)})")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (and at the end)")

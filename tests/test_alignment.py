@@ -1,15 +1,14 @@
-"""The peers' objective (alignment.py): GILL's mapper as the bridge, the alignment loss, and training
+"""The peers' objective (plumbing/alignment.py): GILL's mapper as the bridge, the alignment loss, and training
 by it from train.py."""
 import json
 
 import pytest
 import torch
 
-import alignment
-import checkpoint
-import data
 import dreamllm
 import train
+from plumbing import alignment, checkpoint
+from shapes import data
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 FAST = ["--preset", "tiny-text", "--stage", "I-creation", "--device", "cpu", "--batch-size", "4",

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import clip
-import data
 import dreamllm
 import llama
 import sample
 import train
 import unet
+from plumbing import checkpoint
+from shapes import data
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "weights" / "toy"
@@ -183,6 +183,6 @@ def test_an_error_that_mentions_interruption_is_still_status_1(tmp_path, capsys)
 
 
 def test_the_scripts_answer_help_and_bad_flags():
-    for script in ("train.py", "sample.py", "bench.py"):
-        r = subprocess.run([sys.executable, script, "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    for script in (["train.py"], ["sample.py"], ["-m", "tools.bench"]):
+        r = subprocess.run([sys.executable, *script, "-h"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "usage" in r.stdout.lower(), script

@@ -1,6 +1,6 @@
-"""bench.py --quick runs end to end and prints its table with a ratio column, and LiveBytes counts the
-memory of live tensors. (No timing assertions: speed is what bench.py reports, not what a test on a
-shared CPU can promise.)"""
+"""tools/bench.py --quick runs end to end and prints its table with a ratio column, and LiveBytes counts
+the memory of live tensors. (No timing assertions: speed is what bench.py reports, not what a test on
+a shared CPU can promise.)"""
 import os
 import subprocess
 import sys
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-import bench
+from tools import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_bench_prints_a_table_with_ratios():
-    r = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--threads", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert "ours/ref" in lines[1]
@@ -34,7 +34,8 @@ def test_quick_bench_prints_a_table_with_ratios():
 
 
 def test_help():
-    r = subprocess.run([sys.executable, "bench.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "-h"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0 and "--real-shapes" in r.stdout and "--quick" in r.stdout
 
 

@@ -1,4 +1,4 @@
-"""benchmark.py and its judges: judge.analyse_scene on drawn scenes, judge.parse_caption on every
+"""shapes/benchmark.py and its judges: judge.analyse_scene on drawn scenes, judge.parse_caption on every
 template, the Wilson interval, the benchmark end to end on the tiny preset (and with an oracle
 that must score 1 everywhere, a blank painter that must score 0), sample.py's document.json."""
 import dataclasses
@@ -11,13 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmark
-import cli
-import data
 import dreamllm
-import judge
 import sample
 import train
+from plumbing import cli
+from shapes import benchmark, data, judge
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 TINY = benchmark.Sizes(images=2, two_shapes=3, two_shape_images=2, questions=10, captions=3,

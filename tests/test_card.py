@@ -6,8 +6,7 @@ import random
 import pytest
 import torch
 
-import data
-import judge
+from shapes import data, judge
 from weights import card, train_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 import clip
-from checkpoint import CheckpointError
+from plumbing.checkpoint import CheckpointError
 
 TOL = 1e-4
 VISION = dict(hidden_size=32, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,

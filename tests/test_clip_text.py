@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import clip
-from checkpoint import CheckpointError
+from plumbing.checkpoint import CheckpointError
 
 TEXT = dict(hidden_size=24, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, vocab_size=99,
             max_position_embeddings=12, bos_token_id=97, eos_token_id=2, pad_token_id=1, hidden_act="gelu")

@@ -1,4 +1,4 @@
-"""data.py: the shapes world's determinism, splits, text/scene agreement, the analyser, manifests."""
+"""shapes/data.py: the shapes world's determinism, splits, text/scene agreement, the analyser, manifests."""
 import itertools
 import json
 import re
@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-import data
-import judge
+from shapes import data, judge
 
 N = 600  # examples per stream checked for split properties
 

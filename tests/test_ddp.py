@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import dreamllm
 import llama
+from plumbing import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -1,5 +1,5 @@
-# The exercises (python -m exercises): the list is well formed and names functions that exist; the
-# graders pass on the project itself; on a copy with every exercise blanked, every check of every
+# The exercises (python -m tools.exercises): the list is well formed and names functions that
+# exist; the graders pass on the project itself; on a copy with every exercise blanked, every check of every
 # grader fails, and for its own exercise (a check that passes on a blank checks nothing); and a
 # grader passes while the exercises around it are blanked (it depends on no other solution).
 import ast
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from exercises.blank import body_span, find_function
+from tools.exercises.blank import body_span, find_function
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def exercises_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "exercises", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "tools.exercises", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_the_list_names_functions_that_exist(listed):
     assert len({e["id"] for e in listed}) == len(listed)
     for e in listed:
         assert set(e) == {"id", "title", "functions"} and e["title"] and e["functions"]
-        assert (ROOT / "exercises" / "graders" / f"test_{e['id'].replace('-', '_')}.py").is_file()
+        grader = f"test_{e['id'].replace('-', '_')}.py"
+        assert (ROOT / "tools" / "exercises" / "graders" / grader).is_file()
         for f in e["functions"]:
             path, qualname = f.split(":")
             assert find_function(ast.parse((ROOT / path).read_text()), qualname), f

@@ -9,7 +9,7 @@ import transformers
 from safetensors.torch import load_file
 
 import llama
-from checkpoint import CheckpointError
+from plumbing.checkpoint import CheckpointError
 
 TOL = 1e-4  # max |ours - reference| / max |reference|
 

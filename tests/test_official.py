@@ -1,4 +1,4 @@
-# official.py on tiny replicas of the released layouts (CPU, never the network):
+# weights/official.py on tiny replicas of the released layouts (CPU, never the network):
 # - the DreamLLM-7B release: the same file names, key names and dtype (bf16 .bin files written by
 #   torch.save), added_tokens.json with the official ids and order, a SentencePiece tokenizer.model
 #   trained here, config.json with DreamLLM's fields; only the sizes are small.
@@ -16,15 +16,15 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-import cli
 import clip
 import dreamllm
 import llama
-import official
 import sample
 import unet
-from checkpoint import CheckpointError
+from plumbing import cli
+from plumbing.checkpoint import CheckpointError
 from test_convert import ADDED_ORDER, train as train_sentencepiece
+from weights import official
 
 LLM = llama.LlamaConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=0, hidden_dim=96)  # vocab: below
 CLIP = clip.PRESETS["clip-tiny-vision"]                                    # width 64, 32 px, 16 patches

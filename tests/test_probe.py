@@ -1,9 +1,9 @@
-"""probe.py: linear probes of the frozen CLIP, fitted on training's pairs, tested on held-out ones."""
+"""tools/probe.py: linear probes of the frozen CLIP, fitted on training's pairs, tested on held-out ones."""
 import pytest
 import torch
 
-import cli
-import probe
+from plumbing import cli
+from tools import probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

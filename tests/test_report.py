@@ -1,4 +1,4 @@
-"""report.py: metrics.jsonl read back, the SVG charts, and report.html over a curriculum's stages."""
+"""shapes/report.py: metrics.jsonl read back, the SVG charts, and report.html over a curriculum's stages."""
 import dataclasses
 import json
 import re
@@ -6,9 +6,8 @@ import xml.dom.minidom
 
 import pytest
 
-import benchmark
-import report
-from cli import Stop
+from plumbing.cli import Stop
+from shapes import benchmark, report
 
 
 def write_metrics(folder, stage, losses):
@@ -70,7 +69,7 @@ def test_report_over_a_curriculum_and_a_benchmark(tmp_path):
 
 
 def test_report_sets_a_run_beside_our_reference_runs(tmp_path):
-    # our runs of the preset (reference/<preset>/): its curves dashed, its row and our runs' range
+    # our runs of the preset (docs/reference/<preset>/): its curves dashed, its row and our runs' range
     references, run, evaluation = tmp_path / "reference", tmp_path / "toy", tmp_path / "eval"
     run.mkdir()
     (run / "curriculum.json").write_text(json.dumps(dict(preset="toy", stages=["III"])))
@@ -121,9 +120,9 @@ def test_report_sets_a_run_beside_our_reference_runs(tmp_path):
 
 
 def test_our_reference_runs_are_whole():
-    # reference/toy/, what report.html sets a run beside: every stage of the toy curriculum, its
+    # docs/reference/toy/, what report.html sets a run beside: every stage of the toy curriculum, its
     # curves, its benchmark rows, and the same rows in each of our runs, the reference's first
-    import recipes
+    from plumbing import recipes
     ours = json.loads((report.REFERENCE / "toy" / "eval.json").read_text())
     assert ours["settings"]["sizes"] == dataclasses.asdict(benchmark.Sizes())  # the defaults
     assert ours["settings"]["sampling"] == benchmark.SAMPLING and ours["settings"]["seed"] == 0

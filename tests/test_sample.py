@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import data
 import dreamllm
 import sample
 import train
+from shapes import data
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # see conftest.py

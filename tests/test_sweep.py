@@ -1,4 +1,4 @@
-"""sweep.py: the grid's parser, the plans --dry-run prints (each study, a grid), the statistics
+"""tools/sweep.py: the grid's parser, the plans --dry-run prints (each study, a grid), the statistics
 against values worked by hand, the tables, bad input, and one sweep end to end on the tiny preset
 (2 variants x 2 seeds, trained and benchmarked, then run again: everything kept)."""
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import sweep
 import train
+from tools import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -22,7 +22,7 @@ def fails(argv, capsys, code):
     with pytest.raises(SystemExit) as e:
         sweep.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == code and len(err) == 1 and err[0].startswith("sweep.py"), err
+    assert e.value.code == code and len(err) == 1 and err[0].startswith("python -m tools.sweep"), err
     assert "Traceback" not in err[0]
     return err[0]
 
@@ -232,7 +232,7 @@ def test_a_run_begun_is_continued_and_a_failed_base_stops_what_starts_from_it(
         return 1, f"{script}: it broke"
     monkeypatch.setattr(sweep, "launch", launch)
     line = fails(argv, capsys, 1)
-    assert line.startswith("sweep.py: 2 of 2 runs failed") and "train.py: it broke" in line
+    assert line.startswith("python -m tools.sweep: 2 of 2 runs failed") and "train.py: it broke" in line
     assert sorted((s, a[-1] == "--resume") for s, a in calls) == [("train.py", False),
                                                                   ("train.py", True)]
     assert json.loads((out / "results.json").read_text())["runs"][0]["rows"] is None
@@ -252,7 +252,7 @@ def test_a_tiny_sweep_end_to_end_and_again(tmp_path, capsys):
     sizes = ("--images 1 --two-shapes 1 --two-shape-images 1 --questions 2 --captions 1 "
              "--documents 1 --document-tokens 4 --steps 2 --device cpu")
     argv = ["--grid", grid, "--seeds", "2", "--jobs", "2", "--eval-sizes", sizes, "--out", str(out)]
-    r = subprocess.run([sys.executable, "sweep.py", *argv], cwd=ROOT, env=ENV, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "tools.sweep", *argv], cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())

@@ -10,12 +10,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 import clip
-import data
-import judge
 import diffusion
 import llama
 import unet
-from checkpoint import read_config
+from plumbing.checkpoint import read_config
+from shapes import data, judge
 from weights.train_toy import encode_text, to_clip, to_images, to_pixels, to_uint8
 
 TOY = Path(__file__).resolve().parent.parent / "weights" / "toy"

@@ -13,12 +13,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import checkpoint
-import cli
-import data
 import dreamllm
 import train
-from whitening import Whitening
+from plumbing import checkpoint, cli
+from plumbing.whitening import Whitening
+from shapes import data
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--preset", "tiny", "--stage", "I-creation", "--device", "cpu", "--batch-size", "2",

@@ -20,8 +20,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # the reference, a te
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 import unet
+from plumbing.checkpoint import CheckpointError
 from weights import convert
-from checkpoint import CheckpointError
 
 TOL = 1e-4
 

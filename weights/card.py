@@ -25,10 +25,8 @@ import random
 import torch
 import torch.nn.functional as F
 
-import benchmark
-import data
-import judge
-import probe
+from shapes import benchmark, data, judge
+from tools import probe
 
 SEED = 777  # the card's scenes; train_toy's parts draw theirs from --seed (0) and its neighbours
 SIZES = dict(swaps=400, zero_shot=450, probe_fit=2000, probe_test=500, singles=24, twos=32, per_two=4)

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 import unet
-from checkpoint import CheckpointError, assign, read_state_dict, weight_files
+from plumbing.checkpoint import CheckpointError, assign, read_state_dict, weight_files
 
 
 class ConvertError(Exception):

@@ -30,16 +30,14 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-import alignment
-import cli
 import clip
-import data
 import diffusion
 import dreamllm
-import judge
 import llama
 import unet
-from cli import autocast, pick_device
+from plumbing import alignment, cli
+from plumbing.cli import autocast, pick_device
+from shapes import data, judge
 from weights import card
 
 PARTS = ("tokenizer", "llm", "clip", "vae", "unet")

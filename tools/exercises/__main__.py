@@ -1,12 +1,12 @@
-"""python -m exercises: the project's own code as exercises, and their graders.
+"""python -m tools.exercises: the project's own code as exercises, and their graders.
 
-    python -m exercises list                          # the exercises, in reading order
-    python -m exercises show rope                     # the statement and hints (--solution: ours)
-    python -m exercises make rope ddim --out ~/dream  # a copy of the project, those bodies blanked
-    python -m exercises make all --out ~/dream        # every exercise blanked
-    python -m exercises check rope --dir ~/dream      # grade a copy: exit 0 only if all pass
-    python -m exercises check all --dir .             # grade the project itself
-    python -m exercises experiments                   # questions for the shapes world, with keys
+    python -m tools.exercises list                          # the exercises, in reading order
+    python -m tools.exercises show rope                     # the statement and hints (--solution: ours)
+    python -m tools.exercises make rope ddim --out ~/dream  # a copy of the project, those bodies blanked
+    python -m tools.exercises make all --out ~/dream        # every exercise blanked
+    python -m tools.exercises check rope --dir ~/dream      # grade a copy: exit 0 only if all pass
+    python -m tools.exercises check all --dir .             # grade the project itself
+    python -m tools.exercises experiments                   # questions for the shapes world, with keys
 
 An exercise is named by its id or its number. check runs the graders (pytest, CPU) in a fresh
 process whose working folder is --dir, so they import that copy's modules.
@@ -25,7 +25,7 @@ from .blank import ExerciseError, blank_exercises, body_source, copy_project
 from .catalogue import BY_ID, EXERCISES, EXPERIMENTS
 
 HERE = Path(__file__).resolve().parent
-PROJECT = HERE.parent                      # the project this package belongs to
+PROJECT = HERE.parent.parent               # the project this package belongs to (tools/exercises/)
 GRADERS = HERE / "graders"
 NUMBER = {e.id: n for n, e in enumerate(EXERCISES, 1)}
 
@@ -39,7 +39,8 @@ def pick(names):
         if name.isdigit() and 1 <= int(name) <= len(EXERCISES):
             name = EXERCISES[int(name) - 1].id
         if name not in BY_ID:
-            raise ExerciseError(f"unknown exercise {name!r} (see `python -m exercises list`)", 2)
+            raise ExerciseError(f"unknown exercise {name!r} "
+                                "(see `python -m tools.exercises list`)", 2)
         chosen.add(name)
     return [e for e in EXERCISES if e.id in chosen]
 
@@ -54,8 +55,8 @@ def cmd_list(args):
     for e in EXERCISES:
         print(f"{NUMBER[e.id]:>2}  {e.id:<19} {e.title}")
         print(f"{'':23}{', '.join(e.functions)}")
-    print(f"\n{len(EXERCISES)} exercises; `python -m exercises show ID` for one, "
-          "`python -m exercises experiments` for the experiments")
+    print(f"\n{len(EXERCISES)} exercises; `python -m tools.exercises show ID` for one, "
+          "`python -m tools.exercises experiments` for the experiments")
     return 0
 
 
@@ -66,8 +67,8 @@ def cmd_show(args):
         print(e.statement + "\n")
         for h in e.hints:
             print(textwrap.fill(h, 96, initial_indent="hint: ", subsequent_indent="      "))
-        print(f"\ngrade it: python -m exercises check {e.id} --dir YOUR_COPY  "
-              f"(exercises/{e.grader})")
+        print(f"\ngrade it: python -m tools.exercises check {e.id} --dir YOUR_COPY  "
+              f"(tools/exercises/{e.grader})")
         if args.solution:
             for f in e.functions:
                 path, qualname = f.split(":")
@@ -87,7 +88,7 @@ def cmd_make(args):
     for e in chosen:
         print(f"  {NUMBER[e.id]:>2} {e.id:<19} {', '.join(e.functions)}")
     ids = " ".join(e.id for e in chosen) if len(chosen) < len(EXERCISES) else "all"
-    print(f"grade them: python -m exercises check {ids} --dir {out}")
+    print(f"grade them: python -m tools.exercises check {ids} --dir {out}")
     return 0
 
 
@@ -194,8 +195,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    p = Parser(prog="python -m exercises", description="Exercises made from this project's code, "
-               "and their graders.", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="python -m tools.exercises", description="Exercises made from this project's "
+               "code, and their graders.", formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="ids: see `list`; a number works too, and `all` means every exercise")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     s = sub.add_parser("list", help="the exercises, in reading order")

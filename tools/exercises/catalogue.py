@@ -1,11 +1,11 @@
 """The exercises, as data: which bodies the student writes, what to write, hints, the grader.
 
-An entry names functions as "file.py:Qualified.name"; `python -m exercises make` replaces their
-bodies with `raise NotImplementedError("exercise N: title")`, and the grader
+An entry names functions as "file.py:Qualified.name"; `python -m tools.exercises make` replaces
+their bodies with `raise NotImplementedError("exercise N: title")`, and the grader
 `graders/test_<id>.py` (id with "-" as "_") checks the student's version. Order: the reading order
 of the house (llama.py, clip.py, unet.py, diffusion.py, dreamllm.py). The experiments at the end
 have no bodies to write: they ask a question of the shapes world and keep the measured answer
-(`python -m exercises experiments --answers`).
+(`python -m tools.exercises experiments --answers`).
 """
 from dataclasses import dataclass, field
 
@@ -19,7 +19,7 @@ class Exercise:
     hints: tuple = ()
 
     @property
-    def grader(self):  # the pytest file, relative to exercises/
+    def grader(self):  # the pytest file, relative to tools/exercises/
         return f"graders/test_{self.id.replace('-', '_')}.py"
 
 
@@ -344,7 +344,7 @@ EXPERIMENTS = [
          "python sample.py --ckpt out/exercises/eps --eval --out out/exercises/eps-eval",
          "python sample.py --ckpt out/exercises/v --eval --out out/exercises/v-eval"),
         "70 s and 71 s of training (2 threads, a quiet machine); the evaluation, the whole benchmark "
-        "(benchmark.py), 43 s to 64 s each",
+        "(shapes/benchmark.py), 43 s to 64 s each",
         """Measured (the toy recipe, 600 steps, 16 images per prompt), held-out
 colour / shape / both right: epsilon 0.64 / 0.41 / 0.19, v 0.64 / 0.59 / 0.34. The printed
 losses are not comparable: they are errors in different spaces.
@@ -367,14 +367,14 @@ re-weights the timesteps on purpose.""",
         "72 s of training, about a minute of evaluation (and the default run of target-v to compare "
         "with)",
         """Measured (600 steps), held-out colour / shape / both: whitened (the toy's default)
-0.64 / 0.41 / 0.19, not whitened 0.12 / 0.28 / 0.06, which is chance. Why (whitening.py): the
+0.64 / 0.41 / 0.19, not whitened 0.12 / 0.28 / 0.06, which is chance. Why (plumbing/whitening.py): the
 frozen toy LLM's states at the query positions are nearly parallel, a shared direction of norm
 14.8 that the prompt moves by 2.5; AdamW scales each entry of the condition projector alone, so
 the few directions that tell a colour or a shape are learnt far too slowly. Whitening measures
 the states' second moment once and trains the projector in coordinates where every direction
 has unit scale. It is a trick of this project, not the paper's: the real DreamLLM trains the
 LLM itself in stage II.""",
-        ("whitening.py", "recipes.py: RECIPES; train.py: make_optimizer")),
+        ("plumbing/whitening.py", "plumbing/recipes.py: RECIPES; train.py: make_optimizer")),
     Experiment(
         "guidance", "Sample the same run at classifier-free guidance 1, 2 and 4: what does the "
         "guidance scale buy, and what does it cost?",
@@ -398,9 +398,9 @@ official DreamLLM at 2-3.5.""",
         "read-back", "Remove the read-back: what happens to the text that follows a picture?",
         ("python train.py --stage I-comprehension --init out/exercises/eps --steps 600 "
          "--out out/exercises/comp",
-         "python -m exercises.read_back --ckpt out/exercises/comp --documents 48"),
+         "python -m tools.exercises.read_back --ckpt out/exercises/comp --documents 48"),
         "39 s of training (the visual projector), 75 s for 3 x 48 documents",
-        """exercises/read_back.py writes 48 documents that open with a picture (the prompt names
+        """tools/exercises/read_back.py writes 48 documents that open with a picture (the prompt names
 nothing), three ways, and checks whether the text after it names the colour judge.analyse sees.
 Measured: read back as DreamLLM does, every document names a colour, the right one 0.08 of the
 time; with an empty canvas in the read slot, no document names a colour (0.00: the text goes on
@@ -411,5 +411,5 @@ yet carry the picture's colour: captions of real pictures
 always the same caption ("a small purple circle at the top"). Reading back is what lets the
 text refer to a written picture; it pays only once comprehension is learned (the paper's
 stages II and III train the LLM itself). An open exercise: make the toy read.""",
-        ("dreamllm.py: DreamLLM._dream_then_read, DreamLLM.generate", "exercises/read_back.py")),
+        ("dreamllm.py: DreamLLM._dream_then_read, DreamLLM.generate", "tools/exercises/read_back.py")),
 ]

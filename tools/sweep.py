@@ -1,12 +1,12 @@
 """The researcher's bench: a study is a few variants of a train.py run, each trained from a few
 seeds, each run benchmarked (benchmark.py), and the variants tabulated with 95% intervals.
 
-    python sweep.py variants                   # the loss variants (STUDIES below), 3 seeds
-    python sweep.py queries --seeds 2 --dry-run           # the runs it would make; trains nothing
-    python sweep.py synergy --jobs 2 --out out/sweeps/synergy-2
-    python sweep.py --grid "--target epsilon,v --min-snr-gamma 5" --seeds 3
-    python sweep.py --grid "--stage II --init out/toy --lr 1e-4,3e-4" --out out/sweeps/lr
-    python sweep.py variants --set "--steps 100" --eval-sizes "--quick"      # a smaller try
+    python -m tools.sweep variants             # the loss variants (STUDIES below), 3 seeds
+    python -m tools.sweep queries --seeds 2 --dry-run     # the runs it would make; trains nothing
+    python -m tools.sweep synergy --jobs 2 --out out/sweeps/synergy-2
+    python -m tools.sweep --grid "--target epsilon,v --min-snr-gamma 5" --seeds 3
+    python -m tools.sweep --grid "--stage II --init out/toy --lr 1e-4,3e-4" --out out/sweeps/lr
+    python -m tools.sweep variants --set "--steps 100" --eval-sizes "--quick"  # a smaller try
 
 A grid is one line of train.py flags: each flag with comma-separated values is a dimension, the
 cross product of the dimensions x the seeds are the runs, a flag without a comma applies to all;
@@ -40,15 +40,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import benchmark
-import checkpoint
-import cli
-import pages
-import report
 import train
-from cli import Stop
+from plumbing import checkpoint, cli
+from plumbing.cli import Stop
+from shapes import benchmark, pages, report
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project: train.py, shapes/benchmark.py
 CREATION = ["create: held-out shape, both", "create: two shapes bound and placed",
             "create: number of shapes"]
 BOTH = ["create: held-out shape, both", "create: two shapes bound and placed", "VQA: all",
@@ -282,7 +279,7 @@ def dry_run(runs):
 def eval_request(text):
     # --eval-sizes: benchmark.py's flags -> (its argv, the sizes and sampling it will record), read
     # as benchmark.py reads them, so a kept eval.json can be checked to be of the same sizes
-    p = cli.Parser(prog="sweep.py --eval-sizes", add_help=False)
+    p = cli.Parser(prog="python -m tools.sweep --eval-sizes", add_help=False)
     p.add_argument("--quick", action="store_true")
     for f in fields(benchmark.Sizes):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int)
@@ -318,13 +315,17 @@ def eval_is_fresh(run, request):
 # ------------------------------------------------------------------------------------ running
 
 def launch(script, argv, log):
-    # one script as its own process on one thread (the runs share the cores), its output to log;
-    # -> (exit status, the log's last line: train.py's and benchmark.py's errors are one line)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # one script ("train.py", or a module: "-m shapes.benchmark") as its own process on one thread
+    # (the runs share the cores), its output to log; the project on its path, so that a module
+    # runs from any folder -> (exit status, the log's last line: train.py's and the benchmark's
+    # errors are one line)
+    path = [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    command = script.split() if script.startswith("-m ") else [str(ROOT / script)]
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n$ python {script} {shlex.join(argv)}\n")
         f.flush()
-        rc = subprocess.run([sys.executable, str(HERE / script), *argv], stdout=f,
+        rc = subprocess.run([sys.executable, *command, *argv], stdout=f,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env).returncode
     lines = [ln for ln in Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
              if ln.strip()]
@@ -356,9 +357,9 @@ def do(run, eval_argv, request, failed, stopping):
         t0 = time.time()
         argv = ["--ckpt", str(run.folder), "--out", str(run.folder / "eval"), "--seed",
                 str(run.seed), *eval_argv]
-        rc, last = launch("benchmark.py", argv, run.folder / "eval.log")
+        rc, last = launch("-m shapes.benchmark", argv, run.folder / "eval.log")
         if rc != 0:
-            failed[run.folder] = f"benchmark.py exited {rc}: {last}"
+            failed[run.folder] = f"python -m shapes.benchmark exited {rc}: {last}"
             return f"{run.folder}: FAILED ({failed[run.folder]}; see eval.log)"
         said.append(f"evaluated in {time.time() - t0:.0f} s")
     return f"{run.folder}: {', '.join(said)}"
@@ -564,20 +565,20 @@ def write_results(runs, out, title, question, rows, request=None):
 # --------------------------------------------------------------------------------------- main
 
 def main(argv=None):
-    p = cli.Parser(prog="sweep.py", description="Train a study's variants x seeds with "
-                   "train.py, benchmark each run, tabulate the variants with 95% intervals.",
+    p = cli.Parser(prog="python -m tools.sweep", description="Train a study's variants x seeds "
+                   "with train.py, benchmark each run, tabulate the variants with 95% intervals.",
                    formatter_class=cli.Help)
     p.add_argument("study", nargs="?", choices=list(STUDIES),
-                   help="a study (STUDIES in sweep.py); or --grid")
+                   help="a study (STUDIES in tools/sweep.py); or --grid")
     p.add_argument("--grid", help='train.py flags, comma-separated values a dimension, e.g. '
                    '"--target epsilon,v --min-snr-gamma 5"')
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of every variant")
     p.add_argument("--out", help="the sweep's folder (default: out/sweeps/<study or 'grid'>)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="train.py / benchmark.py processes at once, one thread each")
+                   help="train.py / shapes.benchmark processes at once, one thread each")
     p.add_argument("--set", metavar="FLAGS", help="train.py flags for every run, "
                    "over the study's, e.g. \"--steps 100 --device cpu\"")
-    p.add_argument("--eval-sizes", metavar="FLAGS", help="benchmark.py's flags, e.g. "
+    p.add_argument("--eval-sizes", metavar="FLAGS", help="shapes.benchmark's flags, e.g. "
                    "\"--quick --steps 10\" (default: the study's; a grid: the benchmark's own)")
     p.add_argument("--rows", nargs="+", metavar="PREFIX", help="the benchmark rows to tabulate, "
                    "by the start of their names, e.g. VQA 'create: two' (default: the study's)")
@@ -600,7 +601,7 @@ def main(argv=None):
         p.error(str(e))
     rows = args.rows or study.get("rows", GRID_ROWS)
     if args.dry_run:
-        return cli.main(lambda: dry_run(runs), "sweep.py")
+        return cli.main(lambda: dry_run(runs), "python -m tools.sweep")
     title = (f"sweep {name}" + (f": {args.grid}" if args.grid else "") +
              f", {args.seeds} seed{'s' if args.seeds > 1 else ''}")
     question = study.get("question", "A grid of train.py runs.")
@@ -613,7 +614,7 @@ def main(argv=None):
             folder, why = next(iter(failed.items()))
             raise Stop(f"{len(failed)} of {len(runs)} runs failed, e.g. {folder}: {why}; run "
                        "again to retry them")
-    cli.main(go, "sweep.py")
+    cli.main(go, "python -m tools.sweep")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Linear probes of the frozen CLIP: what its features of a picture tell a reader trained on
 training's colour-shape pairs, when it is shown pairs training never showed.
 
-    python probe.py                         # the toy CLIP, every layer (about 6 min, 2-core CPU)
-    python probe.py --layers -2 --pictures 1000
+    python -m tools.probe                   # the toy CLIP, every layer (about 6 min, 2-core CPU)
+    python -m tools.probe --layers -2 --pictures 1000
 
 A DreamLLM reads one layer of CLIP (DreamConfig.clip_layer: the penultimate, as LLaVA) through a
 linear projector, and every reader trained on the shapes world's training split sees only its
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
-import data
+from plumbing import cli
+from shapes import data
 
 ATTRIBUTES = {"colour": ("color", list(data.COLORS)), "shape": ("shape", list(data.SHAPES)),
               "size": ("size", list(data.SIZES)), "position": ("position", list(data.POSITIONS))}
@@ -92,7 +92,8 @@ def table(rows, read=None):
 
 
 def main(argv=None):
-    p = cli.Parser(description=__doc__.split("\n\n")[0], formatter_class=cli.Help)
+    p = cli.Parser(prog="python -m tools.probe", description=__doc__.split("\n\n")[0],
+                   formatter_class=cli.Help)
     p.add_argument("--preset", default="toy", help="whose CLIP (the shapes world's: toy)")
     p.add_argument("--layers", type=int, nargs="+", help="CLIP layers, HF's numbering: 0 the "
                    "embeddings, L the last; negative from the end (default: every one)")
@@ -115,7 +116,7 @@ def main(argv=None):
         print(f"accuracy on fresh pictures of training's pairs / of held-out pairs ({args.tests} "
               f"each), probes fitted on {args.pictures} of training's; * the layer a DreamLLM reads")
         print(table(rows, read))
-    cli.main(run, "probe.py")
+    cli.main(run, "python -m tools.probe")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The main job's report: one HTML page to look at after `python train.py && python sample.py --eval`.
 
-    python report.py                      # out/toy (the curriculum) + out/samples (the benchmark)
-    python report.py --run out/toy --eval out/samples --out out/samples/report.html
+    python -m shapes.report               # out/toy (the curriculum) + out/samples (the benchmark)
+    python -m shapes.report --run out/toy --eval out/samples --out out/samples/report.html
 
-It shows the loss curves of every stage (read from each run's metrics.jsonl, drawn as inline SVG:
-no plotting package), the benchmark's table with its intervals (eval.json), its grids and one of
-its documents. Where the project has run the same preset (reference/<preset>/), each chart carries
-our run's curves dashed, and the table our run's row and the range of our runs beside yours: is
-your run a normal one? Every run of train.py appends its logged steps to <run>/metrics.jsonl:
+It shows the loss curves of every stage (read from each run's metrics.jsonl, drawn as inline SVG: no
+plotting package), the benchmark's table with its intervals (eval.json), its grids and one of its
+documents. Where the project has run the same preset (docs/reference/<preset>/), each chart carries
+our run's curves dashed, and the table our run's row and the range of our runs beside yours: is your
+run a normal one? Every run of train.py appends its logged steps to <run>/metrics.jsonl:
 {"stage", "step", "loss", "lm", "diffusion", "anchor", "lr", "steps_per_s", "seconds"}.
 """
 import html
@@ -16,13 +16,13 @@ import math
 import os
 from pathlib import Path
 
-import cli
-import pages
-from cli import Stop
+from plumbing import cli
+from plumbing.cli import Stop
+from shapes import pages
 
 COLOURS = {"lm": "#1f77b4", "diffusion": "#d62728", "align": "#9467bd", "anchor": "#2ca02c"}  # one per loss, everywhere
 GRIDS = [("Held-out single shapes", "eval_grid.png"), ("Two shapes", "eval_two_shapes.png")]
-REFERENCE = Path(__file__).resolve().parent / "reference"  # our runs of each preset: reference/toy/
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference"  # our runs of each preset
 
 
 def read_metrics(folder):
@@ -106,7 +106,7 @@ def losses(metrics):  # {step: record} -> {loss: [(step, value)]}, the losses ev
 
 
 def curves_html(run, reference=None):
-    # a chart per stage; reference: our run's folder of the preset (reference/<preset>/<stage>/)
+    # a chart per stage; reference: our run's folder of the preset (docs/reference/<preset>/<stage>/)
     charts = []
     for folder in stage_folders(run):
         metrics = read_metrics(folder)
@@ -121,7 +121,7 @@ def curves_html(run, reference=None):
 
 
 def beside_ours(rows, reference, stage):
-    # the benchmark's rows beside our runs of the same stage (reference/<preset>/eval.json: "rows",
+    # the benchmark's rows beside our runs of the same stage (docs/reference/<preset>/eval.json: "rows",
     # our reference run's, and "runs", each row's value in each of our runs) ->
     # [(row, our reference run's value, lowest and highest of our runs, outside them)], n runs
     ours = json.loads((reference / "eval.json").read_text(encoding="utf-8"))
@@ -138,7 +138,7 @@ def beside_ours(rows, reference, stage):
 
 def unlike_ours(report, reference):
     # the benchmark's settings where this eval.json's differ from those our runs were measured
-    # with (reference/<preset>/eval.json: "settings"), e.g. ["images 4 (ours 16)"]: its rows are
+    # with (docs/reference/<preset>/eval.json: "settings"), e.g. ["images 4 (ours 16)"]: its rows are
     # then other items, or fewer, and our runs' range only a guide
     ours = json.loads((reference / "eval.json").read_text(encoding="utf-8")).get("settings")
     if not ours:
@@ -153,7 +153,7 @@ def compared_table(report, reference, stage):  # beside_ours as a table, a row o
     unlike = unlike_ours(report, reference)
     cells = [[r["name"], r["n"], *pages.proportion(r), "-" if ours is None else f"{ours:.2f}",
               "-" if lo is None else f"{lo:.2f} to {hi:.2f}"] for r, ours, lo, hi, _ in compared]
-    shown = os.path.relpath(reference / "eval.json")  # reference/toy/eval.json, from the repo
+    shown = os.path.relpath(reference / "eval.json")  # docs/reference/toy/eval.json, from the repo
     caveat = (f" This benchmark ran otherwise than ours ({', '.join(unlike)}): the range is a "
               "guide, not a test." if unlike else "")
     return (f"<p>Beside it, stage {html.escape(stage)} of our reference run ({html.escape(shown)}) "
@@ -172,7 +172,7 @@ def benchmarked(report):
 
 
 def ours_for(run, report, references=REFERENCE):
-    # -> (reference/<preset>/, the stage benchmarked): our runs to set this one beside, the preset
+    # -> (docs/reference/<preset>/, the stage benchmarked): our runs to set this one beside, the preset
     # the benchmarked checkpoint's (else the curriculum's); (None, stage) where we have none
     config, listing = benchmarked(report or {}), Path(run) / "curriculum.json"
     preset = config.get("preset") or (json.loads(listing.read_text(encoding="utf-8")).get("preset")
@@ -313,8 +313,9 @@ def chart_png(metrics, stage, width=260, height=190, pad=34):
 
 
 def main(argv=None):
-    p = cli.Parser(description="Write report.html: the loss curves per stage, the benchmark's "
-                   "table, grids and a document.", formatter_class=cli.Help)
+    p = cli.Parser(prog="python -m shapes.report", description="Write report.html: the loss "
+                   "curves per stage, the benchmark's table, grids and a document.",
+                   formatter_class=cli.Help)
     p.add_argument("--run", default="out/toy", help="the curriculum's folder (or one run's)")
     p.add_argument("--eval", default="out/samples", help="the benchmark's folder (eval.json)")
     p.add_argument("--out", help="the page (default: report.html in the --eval folder)")
@@ -324,7 +325,7 @@ def main(argv=None):
         print(f"wrote {write(args.run, args.eval, args.out or Path(args.eval) / 'report.html')}")
         if (Path(args.eval) / "eval.json").is_file() and (line := summary(args.run, args.eval)):
             print(line)
-    cli.main(report, "report.py")
+    cli.main(report, "python -m shapes.report")
 
 
 if __name__ == "__main__":

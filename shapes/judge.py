@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data import BACKGROUND, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Shape
+from shapes.data import BACKGROUND, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, Shape
 
 FOREGROUND = 100  # RGB distance from BACKGROUND above which a pixel belongs to a shape
 MIN_PIXELS = 12   # a smaller blob is noise, not a shape

@@ -25,7 +25,7 @@ I-creation 0.78 that way, 0.88 this way (one seed each, benchmark.py; one thread
 """
 import torch
 
-import data
+from shapes import data
 
 
 class Whitening:

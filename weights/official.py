@@ -29,13 +29,13 @@ from tqdm import tqdm
 import clip
 import llama
 import unet
-from checkpoint import CheckpointError, assign, read_config, read_state_dict
 from diffusion import sample_cfg
 from dreamllm import DreamConfig, DreamLLM, PromptFormat
+from plumbing.checkpoint import CheckpointError, assign, read_config, read_state_dict
 
 DOWNLOAD = "python -m weights.download dreamllm-7b-chat"
 # the released models, as weights/download.py writes them: preset name -> folder (cli.build_model)
-WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS = Path(__file__).resolve().parent  # weights/, where this file is
 PRESETS = {"dreamllm-7b": WEIGHTS / "dreamllm-7b-chat", "dreamllm-7b-aesthetic": WEIGHTS / "dreamllm-7b-chat-aesthetic"}
 # file -> {prefix in the file: prefix in our DreamLLM}. A key no prefix covers keeps its file's name in
 # front, so that a strict assign() names it as unexpected, with its file.

@@ -1,6 +1,6 @@
 """What the scripts share: one-line errors, Ctrl-C and SIGTERM, the argument parser, the device and
 its precision, and building a model by preset name. Not part of the method: train.py, sample.py,
-bench.py and weights/train_toy.py import it so that none of them imports another script.
+tools/bench.py and weights/train_toy.py import it so that none of them imports another script.
 """
 import argparse
 import signal
@@ -11,8 +11,8 @@ import torch
 from tqdm import tqdm
 
 import dreamllm
-import official
-from checkpoint import CheckpointError
+from plumbing.checkpoint import CheckpointError
+from weights import official
 
 PRESETS = [*dreamllm.PRESETS, *official.PRESETS]  # ours (tiny, toy), then the release's
 

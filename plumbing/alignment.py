@@ -10,7 +10,7 @@ was trained on, and never run the UNet in training:
 The paper's argument (sec. 2.1): E(caption) is a bottleneck, only what the caption says reaches
 the picture. In the shapes world the UNet was trained on the toy CLIP's text states
 (weights/train_toy.py), so both objectives can be trained on the same pairs and judged by the same
-benchmark: `python sweep.py objective`.
+benchmark: `python -m tools.sweep objective`.
 
 The bridge. c is K query states, E(caption) is L token states (toy: 8 against 32): the two cannot
 be compared as they are. GILL maps its [IMG] states to the text encoder's 77 with a small

@@ -9,7 +9,7 @@ documents (the same seeds, hence the same pictures) are written three ways:
   none    no read slot at all: <dream_end>, then the text.
 and the colour the text names is compared with the one judge.analyse sees in the picture.
 
-    python -m exercises.read_back --ckpt out/exercises/comp --documents 48
+    python -m tools.exercises.read_back --ckpt out/exercises/comp --documents 48
 """
 import argparse
 import sys
@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import checkpoint
-import cli
-import data
-import judge
+from plumbing import checkpoint, cli
+from shapes import data, judge
 
 
 def load(folder):
@@ -74,7 +72,7 @@ def measure(model, way, n, steps, guidance):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m exercises.read_back",
+    p = argparse.ArgumentParser(prog="python -m tools.exercises.read_back",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default="out/exercises/comp", help="a run that draws and reads")
     p.add_argument("--documents", type=int, default=48, help="documents per way")

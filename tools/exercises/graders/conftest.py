@@ -1,5 +1,5 @@
 # What every grader shares: one thread (small ops; a shared laptop), a guard that the modules
-# graded are the copy's, and a report of each check for `python -m exercises check`.
+# graded are the copy's, and a report of each check for `python -m tools.exercises check`.
 import json
 import os
 import sys

@@ -2,11 +2,11 @@
 on the same weights and the same inputs. Each row: warm-ups, then ours and the reference in turns
 (ours, ref, ours, ref, ...) so that a drift of the machine hits both, and the median of each.
 
-    python bench.py                      # CPU fp32, moderately sized random models (a few minutes)
-    python bench.py --quick              # small models, few repeats (under a minute)
-    python bench.py --device cuda --real-shapes --compile   # bf16: Vicuna-7B, CLIP ViT-L/14, SD 2.1-base 512 px
-    python bench.py --only toy            # the main job's stage I-creation step, and where its time goes
-    python bench.py --only dream --real-shapes --dtype bf16 --count-memory --llm-layers 4 --repeats 1
+    python -m tools.bench                # CPU fp32, moderately sized random models (a few minutes)
+    python -m tools.bench --quick        # small models, few repeats (under a minute)
+    python -m tools.bench --device cuda --real-shapes --compile  # bf16: Vicuna-7B, CLIP ViT-L/14, SD 2.1-base 512 px
+    python -m tools.bench --only toy      # the main job's stage I-creation step, and where its time goes
+    python -m tools.bench --only dream --real-shapes --dtype bf16 --count-memory --llm-layers 4 --repeats 1
                                          # DreamLLM-7B's training memory, on the CPU, with 4 of its 32 blocks
 
 The reference models are built at random from our configs, and ours take their state dicts
@@ -29,14 +29,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-import cli
 import clip
-import data
 import diffusion
 import dreamllm
 import llama
-import recipes
 import unet
+from plumbing import cli, recipes
+from shapes import data
 
 try:
     import transformers
@@ -331,7 +330,7 @@ def toy_rows():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (fp32, the default) or cuda (bf16)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on the CPU, bf16 on CUDA")

@@ -3,12 +3,12 @@ write documents whose text is true of the pictures it drew? Judged without a mod
 world's analyser (judge.analyse_scene) and caption parser (judge.parse_caption), on colour-shape
 combinations that training never showed (data.HELD_OUT, split "eval").
 
-    python benchmark.py --ckpt out/toy --out out/eval      # a train.py run: about a minute
-    python benchmark.py --untrained                         # the toy preset as built: the baseline
-    python benchmark.py --text-encoder                      # the toy SD from its own text states
-    python benchmark.py --fit-condition 400 --two-shapes 8  # ... from conditions fitted per prompt
-    python benchmark.py --quick                             # a few of each, to see it run
-    python sample.py --eval                                 # the same, from sample.py
+    python -m shapes.benchmark --ckpt out/toy --out out/eval       # a train.py run: about a minute
+    python -m shapes.benchmark --untrained                         # the toy preset as built: the baseline
+    python -m shapes.benchmark --text-encoder                      # the toy SD from its own text states
+    python -m shapes.benchmark --fit-condition 400 --two-shapes 8  # ... from conditions fitted per prompt
+    python -m shapes.benchmark --quick                             # a few of each, to see it run
+    python sample.py --eval                                        # the same, from sample.py
 
 One table, each row a proportion with its N and 95% Wilson interval:
   create     held-out single shapes ("a blue triangle"): colour, shape, both right; two shapes with
@@ -38,13 +38,10 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import checkpoint
-import cli
-import data
 import diffusion
-import judge
-import pages
 import unet
+from plumbing import checkpoint, cli
+from shapes import data, judge, pages
 
 # The toy's sampling, measured best for the toy SD: guidance 2 (weights/train_toy.py); DDIM's 30
 # steps draw as its 50 do. sample.py's defaults for the toy too.
@@ -447,8 +444,8 @@ def load(args):
 
 
 def main(argv=None):
-    p = cli.Parser(description="The shapes world's benchmark of a DreamLLM: creation, VQA, "
-                   "captions, documents.", formatter_class=cli.Help)
+    p = cli.Parser(prog="python -m shapes.benchmark", description="The shapes world's benchmark "
+                   "of a DreamLLM: creation, VQA, captions, documents.", formatter_class=cli.Help)
     p.add_argument("--ckpt", default="out/toy", help="a train.py run's folder, or a "
                    "curriculum's (its last stage)")
     p.add_argument("--untrained", action="store_true", help="no checkpoint: --preset as built")
@@ -494,7 +491,7 @@ def main(argv=None):
             elif args.text_encoder:
                 condition = lambda p: model.text_states([p])
             benchmark(model, args.out, args.seed, sampling, sizes, meta=meta, condition=condition)
-    cli.main(run, "benchmark.py")
+    cli.main(run, "python -m shapes.benchmark")
 
 
 if __name__ == "__main__":
