@@ -7,7 +7,9 @@ It shows the loss curves of every stage (read from each run's metrics.jsonl, dra
 plotting package), the benchmark's table with its intervals (eval.json), its grids and one of its
 documents. Where the project has run the same preset (docs/reference/<preset>/), each chart carries
 our run's curves dashed, and the table our run's row and the range of our runs beside yours: is your
-run a normal one? Every run of train.py appends its logged steps to <run>/metrics.jsonl:
+run a normal one? Beside report.html, summary.png: the held-out drawings, a document and the
+curves in one picture (the README shows ours). Every run of train.py appends its logged steps to
+<run>/metrics.jsonl:
 {"stage", "step", "loss", "lm", "diffusion", "anchor", "lr", "steps_per_s", "seconds"}.
 """
 import html
@@ -15,6 +17,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+from PIL import Image, ImageDraw
 
 from plumbing import cli
 from plumbing.cli import Stop
@@ -234,7 +238,6 @@ def summary_png(run, evaluation, report, out, width=1100):
     # One picture of what the main job gives, for the README: the held-out prompts' drawings
     # (the benchmark's held_out.png), the first document it wrote, and each stage's loss curves
     # (running means, log scale), drawn with Pillow
-    from PIL import Image, ImageDraw
     panels = []
     if (evaluation / "held_out.png").is_file():
         panels.append(Image.open(evaluation / "held_out.png").convert("RGB"))
@@ -261,7 +264,6 @@ def summary_png(run, evaluation, report, out, width=1100):
 
 def document_png(evaluation, document, width=300, scale=2):
     # a document's segments as a column: its opening in bold, text wrapped, pictures scaled up
-    from PIL import Image, ImageDraw
     lines = [("b", document.get("opening", ""))]
     for seg in document.get("segments", []):
         lines += [("img", seg["image"])] if "image" in seg else [("t", seg.get("text", ""))]
@@ -285,7 +287,6 @@ def document_png(evaluation, document, width=300, scale=2):
 
 def chart_png(metrics, stage, width=260, height=190, pad=34):
     # one stage's losses, running means on a log scale, each in its COLOURS colour
-    from PIL import Image, ImageDraw
     series = {k: smooth(v, max(1, len(v) // 20)) for k, v in losses(metrics).items()}
     points = [(x, y) for v in series.values() for x, y in v if y > 0 and math.isfinite(y)]
     canvas = Image.new("RGB", (width, height), "white")
