@@ -9,8 +9,9 @@ LM loss: the frozen UNet's score teaches the LLM to speak its language ("score d
 
     L = w_lm CE(next token)  +  w_diffusion |f(unet(z_t, t, c)) - target(z_0, eps, t)|^2
 
-forward() returns the two terms; a training stage picks their weights (train.py). The peers'
-objective, alignment to the text encoder's states, is a DreamConfig choice beside it
+forward() returns the terms unweighted (lm and diffusion; align and anchor where asked), and a
+training stage picks their weights (plumbing/recipes.py's STAGES; train.step_loss sums them). The
+peers' objective, alignment to the text encoder's states, is a DreamConfig choice beside it
 (plumbing/alignment.py). Every image of a document is written as a dream slot, then a read slot: the
 model creates it, then reads it back.
 
@@ -19,7 +20,7 @@ model creates it, then reads it back.
 
     model = dreamllm.build("tiny")
     batch = model.collate([("a red circle: <image> it is red", [pil_image])])   # tensors
-    losses = model(**batch, noise=model.draw_noise([torch.Generator().manual_seed(0)]))
+    losses = model(**batch, draws=model.draw_noise([torch.Generator().manual_seed(0)]))
     segments = model.generate("a picture of a circle", force_image=True)   # [Image, " text ..."]
 """
 import json
@@ -78,7 +79,7 @@ def byte_tokenizer() -> Tokenizer:
 @dataclass
 class DreamConfig:
     # the diffusion loss's variants, side by side: each is the one line a researcher changes
-    # (the weights of the two losses belong to a training stage: train.py's STAGES)
+    # (the weights of the loss's terms belong to a training stage: plumbing/recipes.py's STAGES)
     target: str = "epsilon"             # the space of the diffusion MSE: "epsilon" | "v" | "x0"
     min_snr_gamma: float | None = None  # min-SNR-gamma weighting (Hang et al. 2023), e.g. 5.0
     cond_dropout: float = 0.0           # P(an image's condition -> a null one), e.g. 0.1; the
@@ -289,18 +290,25 @@ class DreamLLM(nn.Module):
         return x
 
     # --------------------------------------------------------------------------------------------
-    # Training: the two losses
+    # Training: the losses
 
-    def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None, captions=None,
+    def forward(self, input_ids, labels, clip_pixels=None, vae_pixels=None, draws=None, captions=None,
                 anchor=None):
         # -> dict(lm, diffusion[, align][, anchor]): the losses, unweighted (a stage weighs them)
         #   lm:        CE of the next token, over the tokens with a label
         #   diffusion: |f(unet(z_t, t, c)) - target|^2, c the dream queries' final states,
         #              projected (the UNet's context, to_context);
-        #              noise: draw_noise()'s draws for the n images of vae_pixels
+        #              draws: draw_noise()'s random draws for the n images of vae_pixels (the
+        #              dropout coin, the posterior's sample, eps and t)
         #   align:     distance(c, E(caption)) over the dream slots `captions` = (slots, texts)
         #              names, the null condition with them (alignment_loss)
         #   anchor:    |c - c_0|^2 over the dream slots `anchor` = (slots, c_0) names (train.py)
+        # The toy's shapes (stage II, a batch of 8 pairs and documents): input_ids (8, T <= 256);
+        # h (8, T, 192); an image written is K = 8 queries, so c is (n, 8, 128), the toy UNet's
+        # context; z_t (n, 4, 16, 16). The diffusion loss's gradient runs back through the frozen
+        # UNet's cross-attention to c, through the condition projector, down the LLM's layers to
+        # the dream queries spliced in at the slots (embed): everything on that path learns from
+        # SD's score, nothing of SD itself does.
         input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         # Right padding under a causal mask: no real token ever attends to a pad, so no attention
         # mask is needed (and SDPA keeps its fast causal path); the pads' labels are -100.
@@ -318,7 +326,7 @@ class DreamLLM(nn.Module):
             return losses
         context = self.slot_conditions(input_ids, h=h)  # (n, K, C), or (n, L, C) through a mapper
         if vae_pixels is not None:
-            losses["diffusion"] = self.diffusion_loss(context, vae_pixels, noise)
+            losses["diffusion"] = self.diffusion_loss(context, vae_pixels, draws)
         if captions is not None:
             slots, texts = captions
             losses["align"] = self.alignment_loss(context[slots.to(self.device)], texts)
@@ -365,20 +373,21 @@ class DreamLLM(nn.Module):
         ids = alignment.text_ids(self.tokenizer, list(captions), self.clip.config.text.n_positions)
         return self.clip.text_hidden_states(ids.to(self.device))
 
-    def diffusion_loss(self, context, vae_pixels, noise):
-        # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features
-        cfg, noise = self.config, {k: v.to(self.device) for k, v in noise.items()}
+    def diffusion_loss(self, context, vae_pixels, draws):
+        # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features;
+        # draws: draw_noise()'s (the dropout coin, the posterior's sample, eps, t)
+        cfg, draws = self.config, {k: v.to(self.device) for k, v in draws.items()}
         if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when
             # nothing is dropped, so every process of an FSDP run runs the LLM as often
             null = self.condition("", queries=cfg.dropout_null == "queries").to(context.dtype)
-            context = torch.where(noise["drop"][:, None, None], null, context)
+            context = torch.where(draws["drop"][:, None, None], null, context)
         with torch.no_grad():  # the VAE is frozen; a sample of its posterior, as SD was trained
             pixels = vae_pixels.to(self.device, self.vae.quant_conv.weight.dtype)
             mean, logvar = self.vae.encode(pixels)
             std = (0.5 * logvar.float()).exp()
-            z0 = self.vae.scaling_factor * (mean.float() + std * noise["posterior"])  # (n, 4, h, w)
-        return diffusion.denoising_loss(self.unet, self.noise_scheduler, z0, noise["eps"],
-                                        noise["t"], context, cfg.target, cfg.min_snr_gamma)
+            z0 = self.vae.scaling_factor * (mean.float() + std * draws["posterior"])  # (n, 4, h, w)
+        return diffusion.denoising_loss(self.unet, self.noise_scheduler, z0, draws["eps"],
+                                        draws["t"], context, cfg.target, cfg.min_snr_gamma)
 
     def dream_states(self, prompt="", images=(), queries=True):
         # BOS + prompt + a dream slot -> the K queries' final hidden states (1, K, D). An <image> in

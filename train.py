@@ -1,17 +1,19 @@
-"""Trains DreamLLM: one loop, in nanoGPT's spirit. A stage is data (STAGES below): which parameter
-groups train, the weights of the two losses, the learning rate and the mix of training examples.
+"""Trains DreamLLM: one loop, in nanoGPT's spirit. A stage is data (plumbing/recipes.py's STAGES):
+which parameter groups train, the weights of the loss's terms, the learning rate and the mix of
+training examples.
 
-    python train.py                 # the main job: the curriculum, I-creation to III, into out/toy/
+    python train.py                 # the main job: the four-stage curriculum, into out/toy/
     python train.py --stage II --init out/toy/I-comprehension        # one stage, into out/toy-II
     python train.py --preset tiny --steps 20 --device cpu --out out/try
     python train.py --stage I-comprehension --init out/tiny --out out/tiny-comprehension
     torchrun --nproc_per_node 2 train.py --device cpu --batch-size 8     # 2 processes, 4 documents each
     torchrun --nproc_per_node 8 train.py --preset dreamllm-7b --stage II --fsdp --checkpointing --compile
 
-The loss: w_lm * CE(next token) + w_diffusion * |unet(z_t, t, c) - target|^2 (dreamllm.py returns the
-two terms, the stage weighs them), c the projected hidden states of the dream queries. CLIP, the
-VAE and the UNet never train. (--objective align or both: the peers' alignment in place of the
-diffusion term or beside it, plumbing/alignment.py.)
+The loss (step_loss): w_lm * CE(next token) + w_diffusion * |unet(z_t, t, c) - target|^2, plus the
+toy's anchor w_anchor * |c - c_0|^2 where the stage has one (dreamllm.py returns the terms, the
+stage weighs them), c the projected hidden states of the dream queries. CLIP, the VAE and the UNet
+never train. (--objective align or both: the peers' alignment in place of the diffusion term or
+beside it, plumbing/alignment.py.)
 
 A run's folder (--out) holds its newest checkpoint, step-<N>/ (plumbing/checkpoint.py: written
 whole, then renamed, so a crash or a full disk at any moment leaves the last whole one). Example e
@@ -119,7 +121,7 @@ def train(args):
                                         for k in batch["pairs"]]
         if "vae_pixels" in batch:
             gens = {e: torch.Generator().manual_seed(args.seed * 2**32 + e) for e, _ in dreamt}
-            batch["noise"] = model.draw_noise([gens[e] for e, _ in dreamt])
+            batch["draws"] = model.draw_noise([gens[e] for e, _ in dreamt])
         return batch
 
     def get_parts(i):
@@ -146,17 +148,7 @@ def train(args):
                 # each part's share of the global micro-batch's labels, images and pairs
                 shares = parallel.batch_shares(parts, world, device, model.config.lm_mean)
                 for batch, share in zip(parts, shares):
-                    pairs = batch.pop("pairs")  # the rows of pairs written: what the anchor holds
-                    held = batch.pop("held_ids", None)  # (len(pairs), T') what it holds them to
-                    with cli.autocast(device):
-                        if anchor is not None and pairs and {"vae_pixels", "captions"} & set(batch):
-                            batch["anchor"] = anchor_targets(anchor, batch["input_ids"], pairs, held)
-                        losses = model(**batch)
-                    zero = losses["diffusion"] * 0  # (a term the batch has none of)
-                    terms = torch.stack([losses["lm"] * share[0], losses["diffusion"] * share[1],
-                                         losses.get("align", zero) * share[2],
-                                         losses.get("anchor", zero) * share[2]])
-                    loss = (terms * torch.tensor([weights[k] for k in TERMS], device=device)).sum()
+                    loss, terms = step_loss(model, anchor, batch, share, weights, device)
                     if loss.requires_grad:  # (a batch may hold nothing this stage learns from)
                         (loss / args.grad_accum).backward()
                     totals[:5] += torch.cat([loss[None], terms]).detach().double() / args.grad_accum
@@ -197,6 +189,27 @@ def train(args):
 
 
 # ---------------------------------------------------------------------------------- around the loop
+
+def step_loss(model, anchor, batch, share, weights, device):
+    # The loss of one batch, the paper's sum with the stage's weights (TERMS; loss_weights):
+    #   L = w_lm CE + w_diffusion |eps - unet(z_t, t, c)|^2 + w_align align + w_anchor |c - c_0|^2
+    # The toy's stage II: CE + 10 diffusion + 10 anchor. The LLM runs three times here: the model
+    # over the batch (CE, and c at the dream slots; dreamllm.forward), the frozen copy of the
+    # stage's start over the batch's pairs (c_0, anchor_targets), and the model over "" (the null
+    # condition that condition dropout puts in c's place; dreamllm.diffusion_loss).
+    # share: this batch's part of the global micro-batch's labels, images and pairs (plumbing/
+    # parallel.py). -> (the weighted sum, a scalar; the four terms, (4,), each times its share)
+    pairs = batch.pop("pairs")  # the rows of pairs written: what the anchor holds
+    held = batch.pop("held_ids", None)  # (len(pairs), T') what it holds them to
+    with cli.autocast(device):
+        if anchor is not None and pairs and {"vae_pixels", "captions"} & set(batch):
+            batch["anchor"] = anchor_targets(anchor, batch["input_ids"], pairs, held)
+        losses = model(**batch)
+    zero = losses["diffusion"] * 0  # (a term the batch has none of)
+    terms = torch.stack([losses["lm"] * share[0], losses["diffusion"] * share[1],
+                         losses.get("align", zero) * share[2], losses.get("anchor", zero) * share[2]])
+    return (terms * torch.tensor([weights[k] for k in TERMS], device=device)).sum(), terms
+
 
 def pair_slots(model, input_ids, rows):
     # the dream slots of the batch's rows `rows`, as indices among all its dream slots: (m,)
@@ -463,7 +476,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="documents per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps (default: the recipe's 0.3%% of --steps)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default: the recipe's warmup_ratio of --steps: the official 0.3%%, the toy's 1/30)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on weight matrices only")
     p.add_argument("--whiten", action=argparse.BooleanOptionalAction,
                    help="train the condition projector in whitened coordinates, a trick of ours "

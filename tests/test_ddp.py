@@ -51,7 +51,7 @@ def test_per_image_generators_make_an_images_draws_independent_of_its_batch():
 
     def loss(docs, seeds):
         batch = model.collate(docs)
-        batch["noise"] = model.draw_noise([torch.Generator().manual_seed(s) for s in seeds])
+        batch["draws"] = model.draw_noise([torch.Generator().manual_seed(s) for s in seeds])
         return model(**batch)["diffusion"]
     with torch.no_grad():
         whole = loss(docs, [100, 101, 102])
@@ -122,7 +122,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     model = dreamllm.build("tiny", cond_dropout=0.5)
     model.llm.requires_grad_(True)
     batch = model.collate([("a red circle <image>", [Image.new("RGB", (64, 64), "red")]), ("just text", [])])
-    batch["noise"] = model.draw_noise([torch.Generator().manual_seed(3)])
+    batch["draws"] = model.draw_noise([torch.Generator().manual_seed(3)])
     results = []
     for on in (False, True):
         model.llm.gradient_checkpointing = on

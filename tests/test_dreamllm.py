@@ -33,7 +33,7 @@ def with_noise(m, batch, seed):
     # a training step's draws for the batch's images: image i from a generator seeded seed + i
     if "vae_pixels" in batch:
         n = len(batch["vae_pixels"])
-        batch["noise"] = m.draw_noise([torch.Generator().manual_seed(seed + i) for i in range(n)])
+        batch["draws"] = m.draw_noise([torch.Generator().manual_seed(seed + i) for i in range(n)])
     return batch
 
 

@@ -270,14 +270,14 @@ The dream queries must receive a gradient: they are what stage I trains.""",
          "gradient.")),
     Exercise(
         "two-losses", "The two losses: next token and denoising", ("dreamllm.py:DreamLLM.forward",),
-        """forward(input_ids, labels, clip_pixels=None, vae_pixels=None, noise=None) -> dict(lm=...,
+        """forward(input_ids, labels, clip_pixels=None, vae_pixels=None, draws=None) -> dict(lm=...,
 diffusion=...), both unweighted (a training stage weighs them):
 
     h = self.llm.hidden_states(inputs_embeds=self.embed(input_ids, clip_pixels))    (B, T, D)
     lm = cross-entropy of lm_head(h[:, :-1]) against labels[:, 1:], ignoring -100
          (0 when no label is left)
     context = condition_projector(h at the dream slots' <im_patch> positions)  (n, K, C)
-    diffusion = self.diffusion_loss(context, vae_pixels, noise)   (0 without vae_pixels)
+    diffusion = self.diffusion_loss(context, vae_pixels, draws)   (0 without vae_pixels)
 
 Move input_ids and labels to self.device; a zero is torch.zeros((), device=self.device).""",
         ("self.slot_masks(input_ids)[0] marks the K positions of every dream slot, image by image.",
@@ -285,9 +285,9 @@ Move input_ids and labels to self.device; a zero is torch.zeros((), device=self.
     Exercise(
         "vae-sample", "The VAE's reparameterised sample and condition dropout",
         ("dreamllm.py:DreamLLM.diffusion_loss",),
-        """diffusion_loss(context (n, K, C), vae_pixels (n, 3, S, S), noise) -> the denoising loss
-of the n images, with the draws of draw_noise (noise["drop"] (n,), noise["posterior"], noise["eps"],
-noise["t"]):
+        """diffusion_loss(context (n, K, C), vae_pixels (n, 3, S, S), draws) -> the denoising loss
+of the n images, with the draws of draw_noise (draws["drop"] (n,), draws["posterior"], draws["eps"],
+draws["t"]):
 1. condition dropout: if self.config.cond_dropout > 0, the context of every image with
    drop[i] True becomes the null one, self.condition("", queries=...) (1, K, C): the LLM's
    states after an empty prompt, over the dream queries (queries=True) when

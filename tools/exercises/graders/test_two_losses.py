@@ -43,7 +43,7 @@ def batch(model):
     g = torch.Generator().manual_seed(0)
     return dict(input_ids=ids, labels=labels, clip_pixels=torch.rand(2, 3, 32, 32, generator=g),
                 vae_pixels=torch.rand(3, 3, 64, 64, generator=g) * 2 - 1,
-                noise={"eps": "the draws"})
+                draws={"eps": "the draws"})
 
 
 def by_hand(model, b):
@@ -73,10 +73,10 @@ def test_the_condition_of_each_image(model):
         _, context = by_hand(model, b)
     expect(len(model.calls) == 1,
            f"diffusion_loss was called {len(model.calls)} times, expected once")
-    given, pixels, noise = model.calls[0]
+    given, pixels, draws = model.calls[0]
     close(given, context, "the context given to diffusion_loss: condition_projector of the states "
           "at each dream slot's K <im_patch> positions, (3 images, K, C)")
-    expect(pixels is b["vae_pixels"] and noise is b["noise"], "vae_pixels and noise go to "
+    expect(pixels is b["vae_pixels"] and draws is b["draws"], "vae_pixels and draws go to "
            "diffusion_loss as given")
     close(got["diffusion"], context.pow(2).mean(), "diffusion: what diffusion_loss returned")
 

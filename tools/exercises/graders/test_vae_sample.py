@@ -32,23 +32,23 @@ def inputs():
     g = torch.Generator().manual_seed(1)
     context = torch.randn(2, 8, 64, generator=g)
     pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
-    noise = dict(drop=torch.tensor([True, False]), posterior=torch.randn(2, 4, 16, 16, generator=g),
+    draws = dict(drop=torch.tensor([True, False]), posterior=torch.randn(2, 4, 16, 16, generator=g),
                  eps=torch.randn(2, 4, 16, 16, generator=g), t=torch.tensor([10, 900]))
-    return context, pixels, noise
+    return context, pixels, draws
 
 
 def test_the_latent_is_a_sample_of_the_posterior(model):
-    context, pixels, noise = inputs()
+    context, pixels, draws = inputs()
     with torch.no_grad():
-        got = model.diffusion_loss(context, pixels, noise)
+        got = model.diffusion_loss(context, pixels, draws)
         mean, logvar = model.vae.encode(pixels)
     expect(len(model.calls) == 1, f"diffusion.denoising_loss was called {len(model.calls)} times, "
            "expected once")
     call = model.calls[0]
-    z0 = model.vae.scaling_factor * (mean + torch.exp(0.5 * logvar) * noise["posterior"])
+    z0 = model.vae.scaling_factor * (mean + torch.exp(0.5 * logvar) * draws["posterior"])
     close(call["z0"], z0, "z0 = scaling_factor (mean + exp(logvar / 2) posterior)", atol=1e-5)
-    close(call["eps"], noise["eps"], "eps: noise['eps'] as drawn")
-    close(call["t"], noise["t"], "t: noise['t'] as drawn")
+    close(call["eps"], draws["eps"], "eps: draws['eps'] as drawn")
+    close(call["t"], draws["t"], "t: draws['t'] as drawn")
     expect(call["denoiser"] is model.unet and call["sched"] is model.noise_scheduler,
            "the loss is the frozen UNet's, with the model's noise scheduler")
     expect(call["space"] == "v" and call["gamma"] == 5.0, f"the loss's space and gamma must be the "
@@ -59,9 +59,9 @@ def test_the_latent_is_a_sample_of_the_posterior(model):
 @pytest.mark.parametrize("null", ["queries", "patches"])
 def test_dropped_conditions_become_the_null_one(model, null):
     model.config.dropout_null = null
-    context, pixels, noise = inputs()
+    context, pixels, draws = inputs()
     with torch.no_grad():
-        model.diffusion_loss(context, pixels, noise)
+        model.diffusion_loss(context, pixels, draws)
     given = model.calls[0]["context"]
     how = "queries=True" if null == "queries" else "queries=False"
     close(given[0], model.nulls[null][0], f"image 0's condition, dropped (drop True), with "
@@ -71,8 +71,8 @@ def test_dropped_conditions_become_the_null_one(model, null):
 
 def test_no_dropout_when_cond_dropout_is_zero(model):
     model.config.cond_dropout = 0.0
-    context, pixels, noise = inputs()
+    context, pixels, draws = inputs()
     with torch.no_grad():
-        model.diffusion_loss(context, pixels, noise)
+        model.diffusion_loss(context, pixels, draws)
     close(model.calls[0]["context"], context, "every condition with cond_dropout 0, even where "
           "drop is True")
