@@ -1,17 +1,21 @@
 """Trains the toy backbones of the shapes world, the small stand-ins for DreamLLM's pretrained parts.
 
-    python -m weights.train_toy                      # all five parts into weights/toy/ (~35 min, 2-core CPU)
+    python -m weights.train_toy                      # all five parts into weights/toy/ (~70 min, 2-core CPU)
     python -m weights.train_toy --only clip unet     # some parts; the others are read from --out
+    python -m weights.train_toy --card               # train nothing: the report card of --out
 
 The same structure as the real world, small: a BPE tokenizer; a LLaMA pretrained on shapes-world
-text (Vicuna's stand-in); a CLIP trained contrastively on (caption, image) pairs (ViT-L/14's); an SD
+text (Vicuna's stand-in); a CLIP trained contrastively on (caption, image) pairs (ViT-L/14's), each
+batch holding every scene's twin with two colours, shapes or places swapped (NegCLIP's hard
+negatives: without them a CLIP is a bag of words and nothing conditioned on it binds); an SD
 VAE (4x, not 8x: 64x64x3 -> 16x16x4); and an SD-2.x-style UNet trained with the epsilon loss on
 those latents, conditioned on the toy CLIP text tower's token states exactly as SD is on its 77
 tokens. The backbones see the whole world (split="all"), as SD has seen everything; only the
 DreamLLM trained on top of them holds out data.HELD_OUT. Every part is saved in the official layout
 (HF / diffusers folders, tokenizer.json) that llama.load, clip.load, unet.load_* already read.
 Each part is a pure function of --seed; a part that needs another (the UNet needs the CLIP and the
-VAE) reads it from --out.
+VAE) reads it from --out. After the CLIP and the UNet, the report card (weights/card.py): what each
+binds and draws, on fresh scenes of a seed no part trains on, into --out/card.json.
 """
 import argparse
 import json
@@ -45,7 +49,10 @@ SPECIALS = ["<s>", "</s>", "<pad>", data.IMAGE_TOKEN]  # ids 0-3
 VOCAB = 512  # asked of the BPE; it stops sooner (~450) once every word of the world is one token
 TEXT_LEN = 32  # the CLIP text tower's positions; captions are padded to it (SD 1.x: 77)
 
-# The models. Sizes were picked by measuring steps on a shared 2-core CPU (see the README's table).
+# The models. Sizes were picked by measuring steps on a shared 2-core CPU; the CLIP's vision tower
+# has 6 layers, not 4, so that the layer a DreamLLM reads (the penultimate) is not the one next to
+# the contrastive loss (docs/log.md, 2026-12-04: held-out colour / shape probes 0.38 / 0.76 at 4
+# layers against 0.78 / 0.90 at 6, on the GPU).
 LLM = llama.LlamaConfig(dim=192, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=512,
                         norm_eps=1e-5, max_seq_len=256)
 CLIP = clip.CLIPConfig(
