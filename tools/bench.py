@@ -276,7 +276,7 @@ def dream_row(size, device, dtype):
     if half:
         cli.cast_frozen(model, torch.bfloat16)
     batch = model.collate([data.example("t2i", 0, e) for e in range(B)])
-    batch["noise"] = model.draw_noise([torch.Generator().manual_seed(e) for e in range(B)])
+    batch["draws"] = model.draw_noise([torch.Generator().manual_seed(e) for e in range(B)])
 
     def step():
         with torch.autocast(device.type, torch.bfloat16, enabled=half):
@@ -300,7 +300,7 @@ def toy_rows():
     for p in trained:
         p.requires_grad_(True)
     batch = model.collate([data.example("t2i", 0, e) for e in range(8)])
-    batch["noise"] = model.draw_noise([torch.Generator().manual_seed(e) for e in range(8)])
+    batch["draws"] = model.draw_noise([torch.Generator().manual_seed(e) for e in range(8)])
     with torch.no_grad():
         mean, _ = model.vae.encode(batch["vae_pixels"])
     z0, context = mean * model.vae.scaling_factor, model.condition("a red circle").detach()
@@ -316,7 +316,7 @@ def toy_rows():
         backward(model.slot_conditions(batch["input_ids"], h=h).square().mean())
 
     def unet_part():
-        n = batch["noise"]
+        n = batch["draws"]
         backward(diffusion.denoising_loss(model.unet, model.noise_scheduler, z0, n["eps"], n["t"],
                                           context, "epsilon"))
     return [("toy stage I-creation step, 8 captions, CPU", lambda: backward(model(**batch)["diffusion"]),
