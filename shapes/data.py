@@ -112,6 +112,7 @@ def draw(scene, size=IMAGE_SIZE, supersample=4):
 
 
 FIELDS = {"colour": "color", "shape": "shape", "place": "position"}  # what a twin swaps
+VALUES = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}  # each field's
 
 
 def swapped(scene, what):

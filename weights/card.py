@@ -30,7 +30,6 @@ from tools import probe
 
 SEED = 777  # the card's scenes; train_toy's parts draw theirs from --seed (0) and its neighbours
 SIZES = dict(swaps=400, zero_shot=450, probe_fit=2000, probe_test=500, singles=24, twos=32, per_two=4)
-PROBED = {"colour": "color", "shape": "shape", "place": "position"}
 
 
 def scenes(kind, n, split="all", n_shapes=1):
@@ -66,7 +65,7 @@ def zero_shot(image_embeddings, text_embeddings):
     img = F.normalize(image_embeddings([data.draw(s) for s in singles]).float(), dim=-1)
     best = [prompts[j] for j in (img @ txt.T).argmax(-1).tolist()]
     truth = [(s.shapes[0].color, s.shapes[0].shape, s.shapes[0].position) for s in singles]
-    return {what: [b[k] == t[k] for b, t in zip(best, truth)] for k, what in enumerate(PROBED)}
+    return {what: [b[k] == t[k] for b, t in zip(best, truth)] for k, what in enumerate(data.FIELDS)}
 
 
 def probe_held_out(patch_features):
@@ -77,8 +76,8 @@ def probe_held_out(patch_features):
     x_fit, x_test = (probe.POOLS["flat"](patch_features([data.draw(s) for s in group]))
                      for group in (fit_scenes, test_scenes))
     rights = {}
-    for what, field in PROBED.items():
-        classes = list({"color": data.COLORS, "shape": data.SHAPES, "position": data.POSITIONS}[field])
+    for what, field in data.FIELDS.items():
+        classes = data.VALUES[field]
         predict = probe.fit(x_fit, probe.classes_of(fit_scenes, field, classes), len(classes))
         rights[what] = (predict(x_test) == probe.classes_of(test_scenes, field, classes)).tolist()
     return rights

@@ -163,9 +163,6 @@ def single_shape_scenes(seed, n):  # held-apart fresh scenes of one shape, for e
     return [data.random_scene(random.Random(f"{seed}/eval/{i}"), "all", n_shapes=1) for i in range(n)]
 
 
-VALUES = {"color": list(data.COLORS), "shape": list(data.SHAPES), "position": list(data.POSITIONS)}
-
-
 def twin(scene, rng):
     # -> (a hard negative for CLIP's contrastive loss, the field it changes): the scene with one
     # thing changed that a caption in the same words tells apart. Two shapes: their colours, shapes
@@ -173,8 +170,8 @@ def twin(scene, rng):
     if len(scene.shapes) == 2:
         what = rng.choice([w for w in data.FIELDS if data.swapped(scene, w) is not None])
         return data.swapped(scene, what), data.FIELDS[what]
-    s, field = scene.shapes[0], rng.choice(list(VALUES))
-    other = rng.choice([v for v in VALUES[field] if v != getattr(s, field)])
+    s, field = scene.shapes[0], rng.choice(list(data.VALUES))
+    other = rng.choice([v for v in data.VALUES[field] if v != getattr(s, field)])
     return data.Scene((replace(s, **{field: other}),)), field
 
 
@@ -401,21 +398,12 @@ def text_states(text_encoder, tok, device):
 def sampler(model, vae, context, device, batch=48):
     # -> draw(prompts, seed): one image per prompt, DDIM with classifier-free guidance (the empty
     # caption as the null), as the benchmark draws
-    @torch.no_grad()
     def draw(prompts, seed):
-        ddim = diffusion.DDIM(SCHEDULER)
-        ddim.set_timesteps(EVAL["ddim_steps"])
-        g, images, c = torch.Generator().manual_seed(seed), [], model.config
+        g, images = torch.Generator().manual_seed(seed), []
         for b in tqdm(range(0, len(prompts), batch), desc="draw", unit="batch", disable=None):
-            cond = context(prompts[b:b + batch])
-            ctx = torch.cat([cond, context([""]).expand_as(cond)])  # conditional, then the null
-            z = torch.randn((len(cond), c.in_channels, c.sample_size, c.sample_size), generator=g).to(device)
-            for t in ddim.timesteps:
-                with autocast(device):
-                    eps_c, eps_u = model(torch.cat([z, z]), t, ctx).float().chunk(2)
-                z = ddim.step(eps_u + EVAL["cfg"] * (eps_c - eps_u), t, z)  # classifier-free guidance
-            with autocast(device):
-                images += to_images(vae.decode(z / vae.scaling_factor))
+            images += diffusion.sample_cfg(model, vae, SCHEDULER, context(prompts[b:b + batch]), context([""]),
+                                           vae.config.sample_size, EVAL["ddim_steps"], EVAL["cfg"],
+                                           generator=g, progress=False)
         return images
     return draw
 
