@@ -43,15 +43,18 @@ SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", 
 # DreamConfig's choices
 OBJECTIVES, BRIDGES, LM_MEANS = ("score", "align", "both"), ("projector", "mapper"), ("token", "example")
 # How an example of each kind is laid out, as the official data builder does (omni/data/builders/
-# builder_dreamllm.py): what each <image> becomes (a dream slot, a read slot, or both: create it,
-# then read it back), and which text carries LM labels ("text": all of it, with each <dream_start>;
-# "reply": the reply only, as the user's turn is not the model's to learn; "none": nothing).
+# builder_dreamllm.py): what each <image> of the text and of the reply becomes (a dream slot, a read
+# slot, or both: create it, then read it back), and which text carries LM labels ("text": all of it,
+# with each <dream_start>; "reply": the replies only, as the user's turns are not the model's to
+# learn; "none": nothing). A chat may hold several turns, each reply ended by EOS (Vicuna's "</s>");
+# an image in a reply is one the assistant makes (the official chats' <dream>), none of its slot
+# tokens learned, as the official conversations label none.
 LAYOUTS = {
-    "t2i": ("dream", "none"),           # an image-text pair, creation: BOS caption <dream slot> EOS
-    "i2t": ("read", "text"),            # an image-text pair, comprehension: BOS <read slot> caption EOS
-    "chat": ("read", "reply"),          # a conversation (VQA): the image read, the answer learned
-    "document": ("dream+read", "text"),   # an interleaved document (MMC4): I-GPT
-    "instruct": ("dream+read", "reply"),  # SFT on documents: the instruction not learned
+    "t2i": ("dream", None, "none"),     # an image-text pair, creation: BOS caption <dream slot> EOS
+    "i2t": ("read", None, "text"),      # an image-text pair, comprehension: BOS <read slot> caption EOS
+    "chat": ("read", "dream+read", "reply"),  # a conversation (VQA): the user's image read, replies learned
+    "document": ("dream+read", None, "text"),  # an interleaved document (MMC4): I-GPT
+    "instruct": ("dream+read", "dream+read", "reply"),  # SFT on documents: the instruction not learned
 }
 
 
@@ -114,8 +117,17 @@ class PromptFormat:
     question: str = "<image> {question}"  # answer(): the user's message, the image's place in it
     caption_sep: str = " "              # text_to_image(): between the prompt and the dream slot
 
-    def chat(self, message):
-        return message if self.system is None else f"{self.system} USER: {message} ASSISTANT:"
+    def turns(self, messages, replies):
+        # a chat of len(messages) turns -> (texts, replies), as encode_document takes them: Vicuna's
+        # "{system} USER: {m0} ASSISTANT: {r0}</s>USER: {m1} ASSISTANT: {r1}</s>", the </s> EOS; the
+        # last reply may be "" (the model writes it) or its opening words (a VQA post-prompt)
+        if self.system is None:
+            return list(messages), list(replies)
+        texts = [("" if i else f"{self.system} ") + f"USER: {m} ASSISTANT:" for i, m in enumerate(messages)]
+        return texts, [f" {r}" if r else "" for r in replies]
+
+    def chat(self, message):  # one turn, the reply to come: a str
+        return self.turns([message], [""])[0][0]
 
 
 class DreamLLM(nn.Module):
@@ -200,29 +212,50 @@ class DreamLLM(nn.Module):
 
     def encode_document(self, text, n_images, layout="document", reply=""):
         # -> input_ids (T,), labels (T,) of one example: BOS, the text, the reply (chat, instruct),
-        # EOS, each <image> expanded to the slots its layout gives it (LAYOUTS); -100: no label
-        slots, learn = LAYOUTS[layout]
-        check_text(text + reply)
-        if (found := (text + reply).count("<image>")) != n_images:
+        # EOS, each <image> expanded to the slots its layout gives it (LAYOUTS); -100: no label.
+        # A chat of several turns: text and reply are lists, the user's turns and the replies
+        # (PromptFormat.turns), each reply ended by EOS; the last reply "" leaves it to the model.
+        # The parts are tokenized as one string, as the official code does, and each token labelled
+        # by the part it starts in (SentencePiece spells a part's leading space with its first word).
+        text_slots, reply_slots, learn = LAYOUTS[layout]
+        texts, replies = (text, reply) if isinstance(text, list) else ([text], [reply])
+        check_text("".join(texts + replies))
+        if (found := sum(t.count("<image>") for t in texts + replies)) != n_images:
             raise ValueError(f"the text has {found} <image> placeholders but {n_images} images were "
                              "given")
-        image = self.token_id["<image>"]
-        dream = self.dream_slot() if "dream" in slots else []
-        read = self.read_slot() if "read" in slots else []
+        joined, parts = "", []  # parts: (where it starts in joined, its slots, learned?)
+        for turn, (t, r) in enumerate(zip(texts, replies)):
+            joined += "</s>" if turn else ""  # the reply before ends: EOS, learned with the reply
+            for part, slots, labelled in ((t, text_slots, learn == "text"),
+                                          (r, reply_slots, learn in ("text", "reply"))):
+                parts += [(len(joined), slots, labelled)] if part else []
+                joined += part
         input_ids, labels = [self.bos_id], [-100]  # nothing predicts BOS
-        for part, labelled in ((text, learn == "text"), (reply, learn in ("text", "reply"))):
-            for i in self.tokenizer.encode(part, add_special_tokens=False).ids if part else []:
-                if i != image:
-                    input_ids.append(i)
-                    labels.append(i if labelled else -100)
-                    continue
-                # of the slots only <dream_start> is learned, in labelled text: where an image goes
-                input_ids += dream + read
-                first = [dream[0] if labelled else -100] if dream else []
-                labels += first + [-100] * (len(dream) + len(read) - len(first))
+        encoded = self.tokenizer.encode(joined, add_special_tokens=False) if joined else None
+        for i, (at, _) in zip(encoded.ids, encoded.offsets) if encoded else ():
+            _, slots, labelled = max(p for p in parts if p[0] <= at)
+            if i != self.token_id["<image>"]:
+                input_ids.append(i)
+                labels.append(i if labelled else -100)
+                continue
+            # of the slots only <dream_start> is learned, in a document's labelled text: where an
+            # image goes (a chat's reply learns none, as the official conversations)
+            dream = self.dream_slot() if "dream" in slots else []
+            read = self.read_slot() if "read" in slots else []
+            input_ids += dream + read
+            first = [dream[0] if labelled and layout != "chat" else -100] if dream else []
+            labels += first + [-100] * (len(dream) + len(read) - len(first))
         input_ids.append(self.eos_id)
         labels.append(self.eos_id if learn != "none" else -100)
         return torch.tensor(input_ids), torch.tensor(labels)
+
+    @staticmethod
+    def image_slots(text, layout, reply=""):
+        # -> the slots of each image of an example, in order: "dream", "read" or "dream+read"
+        text_slots, reply_slots, _ = LAYOUTS[layout]
+        texts, replies = (text, reply) if isinstance(text, list) else ([text], [reply])
+        return [slots for t, r in zip(texts, replies)
+                for part, slots in ((t, text_slots), (r, reply_slots)) for _ in range(part.count("<image>"))]
 
     def collate(self, examples, diffusion=True, flips=None):
         # examples [(text, [PIL images], layout, reply)], or documents [(text, [PIL images])] -> a
@@ -237,8 +270,10 @@ class DreamLLM(nn.Module):
         input_ids, labels = torch.full((B, T), self.eos_id), torch.full((B, T), -100)
         for b, (ids, lab) in enumerate(encoded):
             input_ids[b, :len(ids)], labels[b, :len(ids)] = ids, lab
-        read = [im for _, ims, layout, _ in examples if "read" in LAYOUTS[layout][0] for im in ims]
-        dream = [im for _, ims, layout, _ in examples if "dream" in LAYOUTS[layout][0] for im in ims]
+        slots = [(im, s) for text, ims, layout, reply in examples
+                 for im, s in zip(ims, self.image_slots(text, layout, reply))]
+        read = [im for im, s in slots if "read" in s]
+        dream = [im for im, s in slots if "dream" in s]
         batch = dict(input_ids=input_ids, labels=labels, clip_pixels=self.clip_pixels(read))
         if diffusion and dream:
             flips = flips or [False] * len(dream)
@@ -474,12 +509,13 @@ class DreamLLM(nn.Module):
     @torch.no_grad()
     def generate(self, text, images=(), max_new_tokens=64, temperature=0.0, top_p=1.0, guidance=7.5,
                  steps=50, sampler="ddim", generator=None, force_image=False, max_images=4,
-                 progress=True, layout="document", negative=""):
+                 progress=True, layout="document", negative="", reply=""):
         # Continues `text` into a document: a list of str and PIL images. Given images (one per
         # <image>) are laid out as `layout` lays them out (a document's: dream slot + read slot; a
-        # chat's: a read slot). max_new_tokens counts the sampled tokens, not the slots.
+        # chat's: a read slot); text and reply as encode_document takes them (a chat of several
+        # turns: lists). max_new_tokens counts the sampled tokens, not the slots.
         tok, llm, images = self.token_id, self.llm, list(images)
-        ids = self.encode_document(text, len(images), layout)[0][:-1].to(self.device)  # no EOS
+        ids = self.encode_document(text, len(images), layout, reply)[0][:-1].to(self.device)  # no EOS
         cache = llm.new_cache()
         x = self.embed(ids[None], self.clip_pixels(images))
         h = llm.hidden_states(inputs_embeds=x, cache=cache)[:, -1]
@@ -528,16 +564,23 @@ class DreamLLM(nn.Module):
         return self.sample_images(condition.expand(num_images, -1, -1), **sampling)
 
     @torch.no_grad()
-    def answer(self, image, question, beams=1, max_new_tokens=64, **generate_kw):
-        # image -> text: the question asked as the prompt format asks it (a chat's layout: the
-        # image read, not dreamt), no image written. beams > 1: beam search (official VQA: 5).
-        p = self.prompts
-        text = p.chat(p.question.format(question=question))
+    def answer(self, image, question, beams=1, max_new_tokens=64, history=(), answer_start="",
+               prompts=None, **generate_kw):
+        # image -> text: the question asked as the prompt format asks it (the model's, or `prompts`;
+        # a chat's layout: the image read, not dreamt), no image written. beams > 1: beam search
+        # (official VQA: 5). history: the chat's earlier turns [(message, reply)], the image in the
+        # first message; answer_start: the reply's first words, written for the model (a VQA
+        # post-prompt), not returned.
+        p = prompts or self.prompts
+        messages = [m for m, _ in history] + [question]
+        messages[0] = p.question.format(question=messages[0])
+        text, reply = p.turns(messages, [r for _, r in history] + [answer_start])
+        text, reply = (text, reply) if history else (text[0], reply[0])  # one turn: two strings
         if beams == 1:
             segments = self.generate(text, [image], max_new_tokens=max_new_tokens, max_images=0,
-                                     layout="chat", **generate_kw)
+                                     layout="chat", reply=reply, **generate_kw)
             return "".join(segments).strip()
-        ids = self.encode_document(text, 1, "chat")[0][:-1].to(self.device)  # no EOS
+        ids = self.encode_document(text, 1, "chat", reply)[0][:-1].to(self.device)  # no EOS
         x = self.embed(ids[None], self.clip_pixels([image]))
         banned = [self.bos_id] + list(self.token_id.values())  # no slot token: text only
         tokens = self.llm.beam_search(x, beams, max_new_tokens, self.eos_id, banned)

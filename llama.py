@@ -325,37 +325,50 @@ class Llama(nn.Module):
         return torch.stack(out, dim=1)
 
     @torch.no_grad()
-    def beam_search(self, inputs_embeds, beams, max_new_tokens, eos_id, banned=()):
-        # The `beams` most likely continuations of one prompt (1, T, D) are kept at every step, each
-        # scored by its log-probability; one ends at eos_id, and the best ending is the one of the
-        # highest log-probability per token (HF's num_beams, length_penalty 1, no sampling).
-        # -> its tokens, a list without the EOS.
-        def logprobs(h):  # (n, vocab), the banned tokens impossible
+    def beam_search(self, inputs_embeds, beams, max_new_tokens, eos_id, banned=(), length_penalty=1.0):
+        # The release's answers: transformers 4.35.2's generate(num_beams=beams), which it pins.
+        # Each step keeps the `beams` best running continuations of the prompt (1, P, D) by their
+        # summed log-probability; a candidate ending in eos_id among the step's `beams` best is a
+        # finished hypothesis, scored sum / length ** length_penalty, where the length is the whole
+        # sequence's without the EOS, the prompt's P included (4.36 and later count the generated
+        # tokens alone: a short answer after a long prompt wins more often here).
+        # -> the best hypothesis's tokens, without the EOS.
+        def logprobs(h):  # (n, vocab): log_softmax, then the banned tokens impossible (HF's order)
             return F.log_softmax(self.lm_head(h).float(), -1).index_fill(-1, banned, float("-inf"))
+
+        def add(score, tokens):  # the `beams` best finished hypotheses are kept
+            ended.append((score / (P + len(tokens)) ** length_penalty, tokens))
+            ended.sort(key=lambda e: e[0], reverse=True)
+            del ended[beams:]
         banned = torch.tensor(list(banned), dtype=torch.long, device=inputs_embeds.device)
-        cache = KVCache(self.cfg.n_layers)
+        P, cache = inputs_embeds.shape[1], KVCache(self.cfg.n_layers)
         logp = logprobs(self.hidden_states(inputs_embeds=inputs_embeds, cache=cache)[:, -1])
-        seqs, scores, ended = [[]], logp.new_zeros(1), []  # ended: (score per token, tokens)
+        seqs, scores, ended, done = [[]], logp.new_zeros(1), [], False
         for step in range(max_new_tokens):
             V = logp.shape[-1]
-            total = (scores[:, None] + logp).flatten()
-            top, index = total.topk(min(2 * beams, len(total)))  # enough to refill after EOSes
+            top, index = (scores[:, None] + logp).flatten().topk(min(2 * beams, logp.numel()))
             rows, tokens, kept = [], [], []
-            for s, i in zip(top.tolist(), index.tolist()):
+            for rank, (s, i) in enumerate(zip(top.tolist(), index.tolist())):
                 row, token = divmod(i, V)
                 if token == eos_id:
-                    ended.append((s / (step + 1), seqs[row]))
+                    if rank < beams:  # an EOS ranked below the running beams is dropped
+                        add(s, seqs[row])
                 elif len(rows) < beams:
                     rows, tokens, kept = rows + [row], tokens + [token], kept + [s]
+                if len(rows) == beams:
+                    break
             seqs, scores = [seqs[r] + [t] for r, t in zip(rows, tokens)], logp.new_tensor(kept)
-            # done when `beams` have ended and none running can catch up the best of them
-            if len(ended) >= beams and max(ended)[0] >= max(kept) / (step + 1):
+            # done (early_stopping=False) when `beams` have ended and the worst of them beats what
+            # the step's best candidate would score at the current whole length
+            done = len(ended) == beams and ended[-1][0] >= top[0].item() / (P + step + 1) ** length_penalty
+            if done or step + 1 == max_new_tokens:
                 break
             cache.reorder(torch.tensor(rows, device=logp.device))
             logp = logprobs(self.hidden_states(torch.tensor(tokens, device=logp.device)[:, None],
                                                cache=cache)[:, -1])
-        ended += [(s / len(q), q) for s, q in zip(scores.tolist(), seqs)]  # cut at max_new_tokens
-        return max(ended)[1]
+        for s, q in zip(scores.tolist(), seqs) if not done else ():  # cut at max_new_tokens
+            add(s, q)
+        return ended[0][1]
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):

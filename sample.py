@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from plumbing import checkpoint, cli
+import clip
+from plumbing import alignment, checkpoint, cli
 from plumbing.cli import Stop
 from shapes import benchmark, data, pages, report
 from weights import official
@@ -132,8 +133,8 @@ def main(argv=None):
     p.add_argument("--image", help="the image --question asks about, or that --prompt draws from")
     p.add_argument("--model", help="the released DreamLLM: a preset (dreamllm-7b, "
                    "dreamllm-7b-aesthetic) or its folder; instead of --ckpt")
-    p.add_argument("--dtype", choices=list(DTYPES), help="--model's weights (default: bf16 on CUDA, "
-                   "else fp32)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="--model's weights (default: as the official "
+                   "scripts, fp32 to draw and write documents, bf16 on CUDA to answer)")
     p.add_argument("--baseline-sd", action="store_true", help="--prompt: also plain Stable Diffusion "
                    "with its own text encoder (the paper's baseline), side by side in grid.png")
     p.add_argument("--sd", default="weights/sd-2.1-base", help="--baseline-sd's diffusers folder")
@@ -145,6 +146,13 @@ def main(argv=None):
     p.add_argument("--out", default="out/samples", help="folder for the PNGs, document.html, "
                    "eval.json")
     p.add_argument("--num-images", type=int, default=4, help="images for --prompt")
+    p.add_argument("--best-of", type=int, help="--prompt: draw this many, one per seed (--seed, "
+                   "--seed + 1, ...), rank them by a CLIP's image-text score, keep all (best_of.json) "
+                   "and mark the best; the paper's COCO protocol: --model dreamllm-7b --best-of 8 --seed 42")
+    p.add_argument("--scorer", help="--best-of's CLIP: a folder (default: weights/clip-vit-large-patch14 "
+                   "for --model, as the paper; the toy model's own CLIP for a checkpoint)")
+    p.add_argument("--vqa-protocol", choices=list(official.PROTOCOLS), help="--model --question: as "
+                   "the official eval_vqa.sh asks that benchmark (its prompts, beams, answer cut)")
     p.add_argument("--seed", type=int, default=0, help="the noise (and the text, if --temperature > 0)")
     how = p.add_argument_group("sampling (default: the official scripts' for --model, "
                                "weights/official.py's SAMPLING; for the toy, DDIM 30 steps at "
@@ -157,7 +165,8 @@ def main(argv=None):
                      "quality prefix; '' for none)")
     how.add_argument("--beams", type=int, help="--question: beam search with this many beams (1: "
                      "greedy or sampled; default: 5 for --model, as the official VQA runs, else 1)")
-    how.add_argument("--max-new-tokens", type=int, default=32, help="text tokens to write")
+    how.add_argument("--max-new-tokens", type=int, help="text tokens to write (default: 1024 for "
+                     "--model, as the official VQA; 32 for the toy)")
     how.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     sizes = benchmark.Sizes()  # --eval's other sizes: python -m shapes.benchmark -h
     p.add_argument("--eval-images", type=int, default=sizes.images, help="--eval: images per "
@@ -179,8 +188,18 @@ def main(argv=None):
         else TOY_SAMPLING
     for key, value in defaults.items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if args.vqa_protocol and not (args.model and args.question is not None):
+        p.error("--vqa-protocol goes with --model and --question (the release's benchmarks)")
+    if args.best_of is not None and (args.prompt is None or args.image or args.baseline_sd):
+        p.error("--best-of goes with --prompt alone (text -> image)")
+    if args.scorer and args.best_of is None:
+        p.error("--scorer goes with --best-of")
     args.beams = args.beams or (official.BEAMS if args.model else 1)
-    for name in ("num_images", "steps", "eval_images", "eval_questions", "max_new_tokens", "beams"):
+    if args.max_new_tokens is None:
+        args.max_new_tokens = official.MAX_NEW_TOKENS if args.model else 32
+    args.best_of = 1 if args.best_of is None else args.best_of  # checked below; 1: no ranking
+    for name in ("num_images", "steps", "eval_images", "eval_questions", "max_new_tokens", "beams",
+                 "best_of"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
@@ -192,10 +211,17 @@ def main(argv=None):
     cli.main(lambda: sample(args), "sample.py")
 
 
+def weights_dtype(args, device):
+    # the release as its scripts run it: fp32 to draw (150 DDPM steps drift in bf16), bf16 on CUDA
+    # to answer (omni/eval/vqa/vqa_inference.py:293); --dtype overrides either
+    answering = args.question is not None and device.type == "cuda"
+    return DTYPES[args.dtype or ("bf16" if answering else "fp32")]
+
+
 def sample(args):
     image = data.open_image(args.image) if args.image else None  # a bad path fails before loading
     device = cli.pick_device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = weights_dtype(args, device)
     # the baseline first: a missing SD folder fails before the 13.5 GB are read
     sd = official.StableDiffusion(args.sd, device, dtype) if args.baseline_sd else None
     model, run = load(args, device, dtype)
@@ -219,6 +245,8 @@ def sample(args):
                                       temperature=args.temperature, force_image=force, **sampling)
             n = write_document(text, segments, out)
             print(f"wrote {out / 'document.html'} with {n} image(s)")
+        elif args.question is not None and args.vqa_protocol:
+            print(official.ask(model, image, args.question, args.vqa_protocol, args.max_new_tokens, g)[0])
         elif args.question is not None:
             print(model.answer(image, args.question, beams=args.beams, generator=g,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature))
@@ -231,6 +259,8 @@ def draw(model, sd, image, args, sampling, out):
     prompt = args.prefix + args.prompt
     if image is not None and data.IMAGE_TOKEN not in prompt:
         prompt = f"{data.IMAGE_TOKEN} {prompt}"  # the picture read first, then the dream slot
+    if args.best_of > 1:
+        return best_of(model, prompt, args, sampling, out)
     images = model.text_to_image(prompt, args.num_images, images=[image] if image else [],
                                  **sampling)
     for i, im in enumerate(images):
@@ -245,6 +275,51 @@ def draw(model, sd, image, args, sampling, out):
         rows = [("DreamLLM: " + args.prompt, images), ("plain SD: " + args.prompt, baseline)]
     grid(rows, scale=2 if images[0].width <= 128 else 1).save(out / "grid.png")
     print(f"wrote {len(images) * len(rows)} images and grid.png to {out}")
+
+
+def best_of(model, prompt, args, sampling, out):
+    # --best-of N: image i drawn from seed --seed + i (the official run per seed), each scored by
+    # CLIP's logits_per_image (100 x cosine) against the prompt as written, without --prefix
+    images = [model.text_to_image(prompt, 1, **dict(sampling, generator=torch.Generator().manual_seed(
+        args.seed + i)))[0] for i in range(args.best_of)]
+    scores = clip_scorer(model, args.scorer if args.scorer or not args.model else official.BEST_OF["scorer"])(
+        images, args.prompt).tolist()
+    best = max(range(len(images)), key=scores.__getitem__)
+    ranked = []
+    for i, (im, score) in enumerate(zip(images, scores)):
+        im.save(out / f"{slug(args.prompt)}_{i}.png")
+        ranked.append(dict(file=f"{slug(args.prompt)}_{i}.png", seed=args.seed + i, clip_score=score,
+                           best=i == best))
+    images[best].save(out / f"{slug(args.prompt)}_best.png")
+    (out / "best_of.json").write_text(json.dumps(dict(prompt=args.prompt, images=ranked), indent=1))
+    label = " | ".join(f"{r['seed']}: {r['clip_score']:.1f}{' best' if r['best'] else ''}" for r in ranked)
+    grid([(f"{args.prompt} (seed: CLIP score) {label}", images)],
+         scale=2 if images[0].width <= 128 else 1).save(out / "grid.png")
+    print(f"wrote {len(images)} images, the best (seed {args.seed + best}, CLIP score {scores[best]:.2f}) "
+          f"as {slug(args.prompt)}_best.png, best_of.json and grid.png to {out}")
+
+
+def clip_scorer(model, folder=None):
+    # -> score(images, text) -> (n,) CLIP logits: a full CLIP's from `folder` (vision and text
+    # towers, vocab.json + merges.txt), or the toy model's own CLIP, whose text tower it carries
+    if folder is None:
+        clip_model, size = model.clip, model.clip.config.vision.image_size
+        if getattr(clip_model, "text_model", None) is None:
+            raise Stop("--best-of: this model's CLIP has no text tower; give a full CLIP with --scorer")
+        encode = lambda texts: alignment.text_ids(model.tokenizer, texts, clip_model.config.text.n_positions)  # noqa: E731
+    else:
+        official._missing(folder, ["config.json", "vocab.json", "merges.txt"],
+                          "python -m weights.download clip-vit-large-patch14")
+        clip_model = clip.load(folder).eval()
+        size = clip_model.config.vision.image_size
+        encode = official.clip_tokenizer(folder)
+
+    @torch.no_grad()
+    def score(images, text):
+        pixels = torch.stack([clip.preprocess(im, size) for im in images]).to(model.device)
+        ids = encode([text]).to(model.device)
+        return clip_model.to(model.device)(pixels.to(next(clip_model.parameters()).dtype), ids)[:, 0].float().cpu()
+    return score
 
 
 if __name__ == "__main__":

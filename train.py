@@ -39,10 +39,9 @@ import torch
 from tqdm import tqdm
 
 import dreamllm
-from dreamllm import LAYOUTS
 from plumbing import alignment, checkpoint, cli, parallel
 from plumbing.cli import Interrupted, Stop
-from plumbing.recipes import CURRICULA, DEFAULT_PRESET, STAGES, recipe, stage_of
+from plumbing.recipes import CURRICULA, DEFAULT_PRESET, STAGES, cycle, recipe, stage_of
 from plumbing.whitening import Whitening
 from shapes import data
 
@@ -105,8 +104,9 @@ def train(args):
     def collate(es, examples):  # examples es of the run -> one batch, a function of (seed, es)
         # the images written (dream slots), by example: each one's noise from its example's own
         # generator, and its mirror coin from its own stream, so any process draws the same
-        dreamt = [(e, j) for e, (_, ims, layout, _) in zip(es, examples)
-                  if "dream" in LAYOUTS[layout][0] for j in range(len(ims))]  # (example, image)
+        dreamt = [(e, j) for e, (text, _, layout, reply) in zip(es, examples)
+                  for j, slots in enumerate(dreamllm.DreamLLM.image_slots(text, layout, reply))
+                  if "dream" in slots]  # (example, image)
         flips = [flip and random.Random(f"{args.seed}/flip/{e}/{j}").random() < 0.5 for e, j in dreamt]
         batch = model.collate(examples, diffusion=weights["diffusion"] > 0, flips=flips)
         batch["pairs"] = [k for k, (*_, layout, _) in enumerate(examples) if layout == "t2i"]
@@ -280,7 +280,7 @@ def loss_weights(args, stage):
 def example_source(args, stage):
     # e -> example e of the run, a pure function of (seed, e): resuming needs only the step
     if args.data == "shapes":
-        mix = args.mix.split(",") if args.mix else stage["mix"]
+        mix = args.mix.split(",") if args.mix else cycle(stage["mix"])
         if unknown := [k for k in mix if k not in data.KINDS]:
             raise Stop(f"--mix: unknown kind {unknown[0]!r} (have {', '.join(data.KINDS)})")
         return lambda e: data.example(mix[e % len(mix)], args.seed, e)

@@ -7,7 +7,8 @@ train.py` runs through them (CURRICULA). Data, read by train.py; change a stage 
 DEFAULT_PRESET = "toy"  # the shapes world: what `python train.py` trains (weights/toy/)
 # The official stages (DreamLLM sec. 3.2; RunpeiDong/DreamLLM's projects/dreamllm/configs/ and
 # scripts/train/dreamllm/): what trains, the two losses' weights, the peak lr, and the mix of kinds
-# of example it cycles over (data.KINDS, each laid out as dreamllm.LAYOUTS says). CLIP, the VAE and
+# of example it cycles over (data.KINDS, each laid out as dreamllm.LAYOUTS says): a list, or {kind:
+# weight} in the proportions of the official config's size_list (cycle()). CLIP, the VAE and
 # the UNet never train. "new_tokens", the embedding and LM-head rows of <dream_start> & co. alone,
 # is a group of ours: officially a stage freezes the whole embedding and LM head, or trains them.
 STAGES = {
@@ -17,17 +18,35 @@ STAGES = {
     "I-creation": dict(groups=["dream_queries", "condition_projector"], lm_weight=0.0,
                        diffusion_weight=1.0, lr=2e-3, mix=["t2i"]),
     # Comprehension: the visual projector, on pairs and questions laid out image then text, by the
-    # LM loss (LLaVA's pretraining pairs, LAION's, GQA's questions).
+    # LM loss: LLaVA's pretraining pairs 558K, LAION's three sets 3 x 20M, GQA's questions 13.5M
+    # (configs/stage1/vicuna11_7b_llavapretran_comprehension_only.py:27-32): 81.7% / 18.3%.
     "I-comprehension": dict(groups=["visual_projector"], lm_weight=1.0, diffusion_weight=0.0,
-                            lr=2e-3, mix=["i2t", "vqa"]),
-    # II, I-GPT: all but CLIP and SD, on interleaved documents (MMC4) and pairs (BLIP-LAION's, each
-    # at random written or read).
+                            lr=2e-3, mix={"i2t": 9, "vqa": 2}),
+    # II, I-GPT: all but CLIP and SD, on interleaved documents (MMC4 core, 7M) and pairs
+    # (BLIP-LAION's 10M, each at random written or read) (configs/stage2/base.py:68-74).
     "II": dict(groups=["dream_queries", "condition_projector", "visual_projector", "llm"],
-               lm_weight=1.0, diffusion_weight=10.0, lr=2e-5, mix=["document", "t2i", "i2t"]),
-    # III, supervised fine-tuning: LLaVA's instructions (questions), and pairs.
+               lm_weight=1.0, diffusion_weight=10.0, lr=2e-5, mix={"document": 7, "t2i": 5, "i2t": 5}),
+    # III, supervised fine-tuning (configs/sft/base.py:70-76): LLaVA-1.5's instructions 665,298
+    # (questions), BLIP-LAION's pairs 600K written or read, and MMC4's instructed documents 20,231
+    # ("mmc4_instruct_filtered224"): 51.75% / 23.34% / 23.34% / 1.57%.
     "III": dict(groups=["dream_queries", "condition_projector", "visual_projector", "llm"],
-                lm_weight=1.0, diffusion_weight=10.0, lr=4e-5, mix=["vqa", "t2i", "vqa", "i2t"]),
+                lm_weight=1.0, diffusion_weight=10.0, lr=4e-5,
+                mix={"vqa": 33, "t2i": 15, "i2t": 15, "instruct": 1}),
 }
+
+
+def cycle(mix):
+    # a mix -> the kinds an epoch of examples cycles through: a list as it is; {kind: weight} as
+    # len(weights) kinds spread evenly (smooth weighted round robin: {"a": 2, "b": 1} -> a b a)
+    if isinstance(mix, list):
+        return mix
+    total, credit, kinds = sum(mix.values()), dict.fromkeys(mix, 0), []
+    for _ in range(total):
+        for kind, weight in mix.items():
+            credit[kind] += weight
+        kinds.append(max(credit, key=credit.get))
+        credit[kinds[-1]] -= total
+    return kinds
 # The rest of the official recipe (its configs and HF's TrainingArguments defaults): AdamW with
 # betas 0.9 / 0.999 and no weight decay, gradients clipped at 1.0, a cosine schedule to 0 after a
 # linear warmup over 0.3% of the steps, and the image the diffusion loss is taken on mirrored at
@@ -50,7 +69,10 @@ RECIPES = {
                 # and III train it, the anchor's gradient drowns the LM loss's (README: reading).
                 # Reading first, then the drawing aligned to the LLM that reads: VQA 0.32 -> 0.68
                 # after III, drawing 0.73 -> 0.72 (one run of each curriculum; README: reading)
-                "I-comprehension": dict(groups=["visual_projector", "llm"], lr=3e-4),
+                # and half its examples questions (official: 18%): the benchmark's reading is VQA
+                "I-comprehension": dict(groups=["visual_projector", "llm"], lr=3e-4, mix=["i2t", "vqa"]),
+                # The toy's II and III cycle its kinds in equal shares, not the official sizes'
+                # proportions (41% documents in II; 52% questions, 1.6% instructed documents in III).
                 # II and III train the LLM, and any change of it moves the dream queries' states
                 # along the directions whitening magnified: the drawing unravels (held-out both
                 # 0.88 -> 0.05 after 300 steps at lr 1e-4). The anchor, an MSE of each pair's

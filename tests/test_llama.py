@@ -2,9 +2,11 @@
 # saved in the official layouts, fp32 on CPU. Run with -s to see the measured parity figures.
 import itertools
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
@@ -246,5 +248,33 @@ def test_beam_search_finds_the_best_continuation():
         assert model.beam_search(prompt, 36, 3, eos_id=-1) == list(best)
         three = model.beam_search(prompt, 3, 3, eos_id=-1)
         assert logprob(three) >= logprob(greedy) - 1e-6
-        # an ended continuation is scored per token; a banned token is never written
+        # a banned token is never written
         assert 5 not in model.beam_search(prompt, 3, 4, eos_id=0, banned=[5])
+
+
+def test_beam_scores_count_the_prompt_as_transformers_4_35_2_does():
+    # A chain whose next token depends on the last one alone: the model's states are one-hot of
+    # it (the prompt's: START). From START, "a" (-1.0) then EOS; or b1 (-2.0), then b2 ... b5 and
+    # EOS surely; or "c" (the rest), after which every token is as likely. A = [a] sums -1.0 over
+    # 1 token, B = [b1..b5] -2.0 over 5. Normalised by the whole length, as the release's pinned
+    # transformers does, A wins after a 10-token prompt (-1/11 > -2/15), B after a 1-token one
+    # (-1/2 < -2/6); by the generated length alone (transformers >= 4.36), B would win both.
+    EOS, A, C, START, V = 0, 1, 7, 8, 8
+    model = llama.build(llama.LlamaConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=V,
+                                          hidden_dim=32)).eval()
+    table = torch.full((V, 16), -30.0)  # table[:, state] = the next token's logits in that state
+    table[A, START], table[2, START], table[C, START] = -1.0, -2.0, math.log(1 - math.exp(-1) - math.exp(-2))
+    table[EOS, A] = 0.0
+    for b in range(2, 7):
+        table[b + 1 if b < 6 else EOS, b] = 0.0
+    table[:, C] = 0.0
+    model.lm_head.weight.data = table
+
+    def one_hot(input_ids=None, inputs_embeds=None, cache=None):
+        states = torch.full(inputs_embeds.shape[:2], START) if input_ids is None else input_ids
+        h = F.one_hot(states, 16).float()
+        cache.update(0, h[:, None], h[:, None])  # so that the cache's rows follow the beams
+        return h
+    model.hidden_states = one_hot
+    assert model.beam_search(torch.zeros(1, 10, 16), 3, 8, eos_id=EOS) == [A]
+    assert model.beam_search(torch.zeros(1, 1, 16), 3, 8, eos_id=EOS) == [2, 3, 4, 5, 6]

@@ -8,6 +8,7 @@ import functools
 import json
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -99,6 +100,18 @@ def picture():
     return Image.frombytes("RGB", (40, 30), bytes(random.Random(0).randrange(256) for _ in range(40 * 30 * 3)))
 
 
+def watch_embed(model, monkeypatch):  # -> the token ids of every sequence the model embeds, as it goes
+    seen = []
+    embed = model.embed
+    monkeypatch.setattr(model, "embed", lambda ids, *a: seen.append(ids[0].tolist()) or embed(ids, *a))
+    return seen
+
+
+def read_slot(model):
+    t = model.token_id
+    return [t["<im_start>"]] + [t["<im_patch>"]] * model.n_patches + [t["<im_end>"]]
+
+
 def test_loads_strictly_in_bf16_with_the_files_tensors(release, model):
     folder, files = release
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -143,9 +156,7 @@ def test_official_prompt_formats(model, monkeypatch):
     system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")
     assert official.VICUNA_V1_1.chat("<image>What is it?") == f"{system} USER: <image>What is it? ASSISTANT:"
-    seen = []
-    embed = model.embed
-    monkeypatch.setattr(model, "embed", lambda ids, *a: seen.append(ids[0].tolist()) or embed(ids, *a))
+    seen = watch_embed(model, monkeypatch)
     t, tok = model.token_id, model.tokenizer
     # text -> image: BOS + the prompt's tokens + <dream_start> + K queries (no space token between)
     model.text_to_image("a red bicycle", steps=1, progress=False)
@@ -156,20 +167,18 @@ def test_official_prompt_formats(model, monkeypatch):
     seen.clear()
     model.answer(picture(), "What is it?", max_new_tokens=1, progress=False)
     before, after = f"{system} USER: ", "What is it? ASSISTANT:"
-    read = [t["<im_start>"]] + [t["<im_patch>"]] * model.n_patches + [t["<im_end>"]]
+    read = read_slot(model)
     enc = lambda s: tok.encode(s, add_special_tokens=False).ids
     assert seen[0] == [1] + enc(before) + read + enc(after) and t["<dream_start>"] not in seen[0]
 
 
 def test_image_and_text_to_image_reads_the_picture_before_the_dream_slot(model, monkeypatch):
     # the official pipeline's MultimodalContent prompt: each <image> a read slot, then the queries
-    seen = []
-    embed = model.embed
-    monkeypatch.setattr(model, "embed", lambda ids, *a: seen.append(ids[0].tolist()) or embed(ids, *a))
+    seen = watch_embed(model, monkeypatch)
     t, tok = model.token_id, model.tokenizer
     enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
     images = model.text_to_image("a bicycle like <image>", images=[picture()], steps=1, progress=False)
-    read = [t["<im_start>"]] + [t["<im_patch>"]] * model.n_patches + [t["<im_end>"]]
+    read = read_slot(model)
     assert seen[0] == [1] + enc("a bicycle like ") + read + [t["<dream_start>"]] + [t["<im_patch>"]] * K
     assert images[0].size == (64, 64)
     with torch.no_grad():
@@ -342,3 +351,177 @@ def test_plain_sd_and_sample_side_by_side(release, sd_folder, tmp_path, monkeypa
                      "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and "python -m weights.download dreamllm-7b-chat" in err and "\n" not in err
+
+
+# ---- the release as its own evaluations run it ------------------------------------------------------
+
+# scripts/eval/vqa/eval_vqa.sh (RunpeiDong/DreamLLM 9dc7677), each block's strings as the script
+# writes them (the shell's unquoting aside: '\(one word\)' arrives as (one word)), and its --clip
+# and --beamsearch: (system_prompt, prompt, post_prompt, clip, beams)
+EVAL_VQA_SH = {
+    "coco-caption": ("Based on the image, give the image caption briefly.",  # l.2-15
+                     "Please summarize object in one sentence within 10 words.", "The image depicts", False, 5),
+    "nocaps": ("", "Please summarize object briefly in one sentence within 5 words.", "", False, 5),  # l.17-28
+    "image2paragraph": ("Based on the image, please describe the image in detail.",  # l.30-43
+                        "Please describe the image in detail.", "The image depicts", False, 5),
+    "vqav2": ("", "", "", False, 5),  # l.45-59
+    "vqav2-testdev": ("Based on the image, please answer the question.",  # l.61-75
+                      "Please provide an accurate answer within one word.", "The short answer (one word) is:", True, 5),
+    "textvqa": ("Based on the image, please answer the question.",  # l.77-91
+                "Please provide an accurate answer within one word.", "The answer is:", True, 5),
+    "mmbench": ("This is an exam, please answer according to the image, hint and question.",  # l.93-105
+                "Please provide an accurate and detailed answer.", "", False, 5),
+    "mm-vet": ("This is an exam, please answer according to the image and question.",  # l.107-119
+               "Please provide an accurate, detailed and comprehensive answer.", "", False, 5),
+    "vizwiz": ("", "", "", False, 5),  # l.121-130
+    "vizwiz-test": ("Based on the image, please answer the question.",  # l.132-145
+                    "Please provide an accurate answer within one word.", "The answer is:", True, 5),
+    "okvqa": ("", "Please provide an accurate and brief answer within one word.",  # l.147-160
+              "The short answer (one word) is:", True, 5),
+    "docvqa": ("", "", "", False, 5), "infographicvqa": ("", "", "", False, 5),  # l.165-185
+    "ocr": ("", "", "", False, 5),  # l.188-197
+    "pope": ("Based on the image, please objectively and accurately indicate whether the object exists.",
+             "", "The answer is:", False, 1),  # l.200-236: --beamsearch False, sampled
+}
+
+
+def test_vqa_protocols_are_the_official_scripts():
+    assert {name: (p.system_prompt, p.prompt, p.post_prompt, p.clip, p.beams)
+            for name, p in official.PROTOCOLS.items()} == EVAL_VQA_SH
+    assert [n for n, p in official.PROTOCOLS.items() if p.known_first] == ["vizwiz", "vizwiz-test"]
+    assert [n for n, p in official.PROTOCOLS.items() if p.pad_square] == ["docvqa", "infographicvqa", "ocr"]
+    # the eval template's system message has a leading space the training template's lacks
+    assert official.EVAL_FORMAT.system == " " + official.VICUNA_V1_1.system
+    assert official.MAX_NEW_TOKENS == 1024 and official.BEAMS == 5
+
+
+def test_a_vqa_protocol_asks_the_official_string(model, monkeypatch):
+    seen = watch_embed(model, monkeypatch)
+    t, tok = model.token_id, model.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    scored, written = official.ask(model, picture(), "What sport is this?", "okvqa", max_new_tokens=2)
+    read = read_slot(model)
+    # vqa_inference.py's prompt: " {system} USER: " + image + question + prompt + " ASSISTANT: " + post_prompt,
+    # tokenized as one string (the post-prompt's space spelt with its first word, as SentencePiece does)
+    system = official.EVAL_FORMAT.system
+    assert seen[0] == [1] + enc(f"{system} USER: ") + read + enc(
+        "What sport is this?Please provide an accurate and brief answer within one word. ASSISTANT: "
+        "The short answer (one word) is:")
+    assert enc(" A chat")[:2] != enc("A chat")[:2]  # the leading space is a token of its own
+    assert scored == official.cut(written, official.PROTOCOLS["okvqa"])
+
+
+def test_protocols_cut_answers_and_pad_pictures_as_the_official_scripts():
+    okvqa, caption, pope = (official.PROTOCOLS[n] for n in ("okvqa", "coco-caption", "pope"))
+    assert official.cut('Tennis, or "squash".', okvqa) == "tennis"
+    assert official.cut("a RED bicycle by a wall.", caption) == "A red bicycle by a wall."
+    assert official.cut("No, there is no dog in the image.", pope) == "no"
+    assert official.cut("Yes. There is not a cat but a dog.", pope) == "yes"  # the first sentence alone
+    wide = Image.new("RGB", (300, 100), (255, 0, 0))
+    square = official.pad_square(wide)
+    assert square.size == (224, 224) and square.getpixel((200, 50)) == (255, 0, 0)
+    assert square.getpixel((100, 200)) == (0, 0, 0)  # padded below, black
+
+
+class Asked:  # a model that answers from a script and records how it was asked
+    def __init__(self, *replies):
+        self.replies, self.calls = list(replies), []
+
+    def answer(self, image, message, **kw):
+        self.calls.append((message, kw))
+        return self.replies.pop(0)
+
+
+def test_vizwiz_asks_first_whether_the_answer_can_be_known():
+    m = Asked("No, it cannot be known.")
+    assert official.ask(m, picture(), "What is this?", "vizwiz-test")[0] == "unanswerable"
+    (first, kw), = m.calls
+    assert first == "<image>What is this?Is the answer can be known?" and "answer_start" not in kw
+    m = Asked("Yes.", "A can of soup.")
+    assert official.ask(m, picture(), "What is this?", "vizwiz-test")[0] == "a can of soup"
+    message, kw = m.calls[1]
+    assert message == ("Based on the image, please answer the question.<image>What is this?"
+                       "Please provide an accurate answer within one word.")
+    assert kw["answer_start"] == "The answer is:" and kw["beams"] == 5 and kw["prompts"] is official.EVAL_FORMAT
+    m = Asked("There is a dog.")
+    official.ask(m, picture(), "Is there a dog in the image?", "pope")
+    assert m.calls[0][1]["beams"] == 1 and m.calls[0][1]["temperature"] == 0.2  # POPE samples
+
+
+def test_a_chat_of_several_turns_as_the_official_template(model, monkeypatch):
+    seen = watch_embed(model, monkeypatch)
+    t, tok = model.token_id, model.tokenizer
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    model.answer(picture(), "And its colour?", history=[("What is it?", "A bicycle.")], max_new_tokens=1,
+                 progress=False)
+    read = read_slot(model)
+    system = official.VICUNA_V1_1.system  # "</s>" below: the tokenizer's EOS, as the official string has it
+    assert seen[0] == [1] + enc(f"{system} USER: ") + read + enc(
+        "What is it? ASSISTANT: A bicycle.</s>USER: And its colour? ASSISTANT:")
+    assert enc("</s>") == [model.eos_id]
+    # as training lays it out: the replies and their EOS learned, nothing else; an image in a reply
+    # (the official chats' <dream>) a dream slot then a read slot, none of it learned
+    texts, replies = official.VICUNA_V1_1.turns(["<image>What is it?", "Draw one."], ["A bicycle.", "Here: <image>"])
+    ids, labels = model.encode_document(texts, 2, "chat", replies)
+    dream = [t["<dream_start>"]] + [t["<im_patch>"]] * K + [t["<dream_end>"]]
+    assert ids.tolist() == [1] + enc(f"{system} USER: ") + read + enc(
+        "What is it? ASSISTANT: A bicycle.</s>USER: Draw one. ASSISTANT: Here: ") + dream + read + [model.eos_id]
+    learned = [i for i, l in zip(ids.tolist(), labels.tolist()) if l != -100]
+    assert t["<dream_start>"] not in learned
+    first_eos = learned.index(model.eos_id)
+    assert tok.decode(learned[:first_eos]).strip() == "A bicycle." and learned[-1] == model.eos_id
+    assert tok.decode(learned[first_eos + 1:-1]).strip() == "Here:" and learned.count(model.eos_id) == 2
+    assert dreamllm.DreamLLM.image_slots(texts, "chat", replies) == ["read", "dream+read"]
+
+
+def test_best_of_n_ranks_by_clip_as_the_papers_coco_protocol(release, tmp_path, monkeypatch):
+    # a full CLIP in the official layout (transformers' CLIPModel, tiny) with its BPE files: the scorer
+    from transformers import CLIPConfig, CLIPModel
+    scorer = tmp_path / "clip"
+    n = write_clip_bpe(scorer)
+    torch.manual_seed(0)
+    ref = CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=n, max_position_embeddings=77, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8), projection_dim=16)).eval()
+    ref.save_pretrained(scorer)
+    monkeypatch.setattr(official, "load_official", functools.partial(official.load_official, **SMALL))
+    out = tmp_path / "out"
+    sample.main(["--model", str(release[0]), "--prompt", "a red bicycle", "--best-of", "3", "--seed", "42",
+                 "--steps", "2", "--scorer", str(scorer), "--out", str(out), "--device", "cpu"])
+    ranked = json.loads((out / "best_of.json").read_text())["images"]
+    assert [r["seed"] for r in ranked] == [42, 43, 44] and sum(r["best"] for r in ranked) == 1
+    images = [Image.open(out / r["file"]) for r in ranked]
+    with torch.no_grad():  # CLIP's logits_per_image, as the official select_image ranks them
+        pixels = torch.stack([clip.preprocess(im, 32) for im in images])
+        ids = CLIPTokenizer.from_pretrained(scorer)(["a red bicycle"], padding="max_length", max_length=77).input_ids
+        want = ref(pixel_values=pixels, input_ids=torch.tensor(ids)).logits_per_image[:, 0]
+    assert torch.allclose(torch.tensor([r["clip_score"] for r in ranked]), want, atol=1e-4)
+    best = int(want.argmax())
+    assert ranked[best]["best"] and (out / "a_red_bicycle_best.png").read_bytes() == \
+        (out / ranked[best]["file"]).read_bytes()
+    # each candidate is its seed's own draw: the same as --seed 43 alone
+    sample.main(["--model", str(release[0]), "--prompt", "a red bicycle", "--num-images", "1", "--seed", "43",
+                 "--steps", "2", "--out", str(tmp_path / "one"), "--device", "cpu"])
+    assert Image.open(tmp_path / "one" / "a_red_bicycle_0.png").tobytes() == images[1].tobytes()
+
+
+def test_the_release_draws_in_fp32_and_answers_in_bf16():
+    args = lambda question=None, dtype=None: SimpleNamespace(question=question, dtype=dtype)  # noqa: E731
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sample.weights_dtype(args(), cuda) == torch.float32  # drawing, as inference.py:58
+    assert sample.weights_dtype(args("What?"), cuda) == torch.bfloat16  # vqa_inference.py:293
+    assert sample.weights_dtype(args("What?"), cpu) == torch.float32
+    assert sample.weights_dtype(args(dtype="bf16"), cuda) == torch.bfloat16  # --dtype overrides
+
+
+def test_sample_asks_by_a_vqa_protocol(release, model, monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(official.PRESETS, "dreamllm-7b", release[0])
+    monkeypatch.setattr(official, "load_official", lambda *a, **k: model)
+    asked = []
+    monkeypatch.setattr(official, "ask", lambda m, im, q, name, n, g: asked.append((q, name, n)) or ("tennis", "Tennis."))
+    picture().save(tmp_path / "p.png")
+    sample.main(["--model", "dreamllm-7b", "--image", str(tmp_path / "p.png"), "--question", "What sport?",
+                 "--vqa-protocol", "okvqa", "--out", str(tmp_path), "--device", "cpu"])
+    assert capsys.readouterr().out == "tennis\n" and asked == [("What sport?", "okvqa", 1024)]

@@ -1,5 +1,6 @@
 """sample.py on a tiny checkpoint (CPU): images, the interleaved document's HTML, answers, bad input
 (--eval and document.json: tests/test_benchmark.py)."""
+import json
 import os
 import re
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import dreamllm
@@ -104,3 +106,20 @@ def test_bad_input_exits_with_one_line(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", ckpt, "--image", str(not_an_image)])  # no --question
     assert e.value.code == 2
+
+
+def test_best_of_ranks_the_draws_and_keeps_them_all(ckpt, tmp_path, monkeypatch):
+    # the tiny preset's CLIP is a vision tower alone: no text to score against, said in one line
+    r = run("--ckpt", ckpt, "--prompt", "a red circle", "--best-of", "2", "--steps", "1", "--out", str(tmp_path / "a"))
+    assert "no text tower" in one_line_error(r) and "--scorer" in one_line_error(r)
+    # ranked by the scorer's numbers, every draw kept
+    monkeypatch.setattr(sample, "clip_scorer", lambda model, folder=None: lambda images, text: torch.tensor(
+        [1.0, 5.0, 2.0][:len(images)]))
+    out = tmp_path / "b"
+    sample.main(["--ckpt", ckpt, "--prompt", "a red circle", "--best-of", "3", "--steps", "1", "--out", str(out)])
+    ranked = json.loads((out / "best_of.json").read_text())["images"]
+    assert [(r["seed"], r["clip_score"], r["best"]) for r in ranked] == [(0, 1.0, False), (1, 5.0, True), (2, 2.0, False)]
+    assert (out / "a_red_circle_best.png").read_bytes() == (out / "a_red_circle_1.png").read_bytes()
+    assert (out / "grid.png").is_file()
+    r = run("--ckpt", ckpt, "--prompt", "a red circle", "--best-of", "0", "--out", str(tmp_path / "c"))
+    assert "--best-of must be at least 1" in r.stderr and r.returncode != 0

@@ -271,9 +271,14 @@ def test_batches_are_a_pure_function_of_seed_and_index_and_never_held_out():
     assert [x[0::2] for x in a] == [y[0::2] for y in b]  # text, layout; and the images:
     assert all(x.tobytes() == y.tobytes() for ex, ey in zip(a, b) for x, y in zip(ex[1], ey[1]))
     examples = [source(e) for e in range(300)]
-    assert all(text.count(data.IMAGE_TOKEN) == len(images) == 1 for text, images, *_ in examples)
-    layouts = {layout for _, _, layout, _ in examples}
-    assert layouts == {"t2i", "i2t", "chat"}  # III's mix: questions, pairs written and read
+    assert all((text + reply).count(data.IMAGE_TOKEN) == len(images) >= 1
+               for text, images, _, reply in examples)
+    layouts = [layout for _, _, layout, _ in examples]
+    # III's official mix: questions, pairs written and read, instructed documents, in its proportions
+    weights = train.STAGES["III"]["mix"]  # {kind: weight}, an epoch of sum(weights) examples
+    first = [layouts[e] for e in range(sum(weights.values()))]
+    kind = dict(vqa="chat", t2i="t2i", i2t="i2t", instruct="instruct")
+    assert {kind[k]: w for k, w in weights.items()} == {k: first.count(k) for k in set(first)}
     for text, _, layout, reply in examples:
         if layout == "t2i":
             assert text.endswith(" " + data.IMAGE_TOKEN) and not reply

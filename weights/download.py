@@ -73,7 +73,7 @@ REGISTRY = {
     "vicuna-7b-v1.1": _vicuna("lmsys/vicuna-7b-v1.1"),
     "vicuna-7b-v1.5": _vicuna("lmsys/vicuna-7b-v1.5"),
     "clip-vit-large-patch14": {"repo": "openai/clip-vit-large-patch14", "revision": "main", "files": [
-        f("config.json"), f("preprocessor_config.json"),
+        f("config.json"), f("preprocessor_config.json"), f("vocab.json"), f("merges.txt"),  # its text's BPE: --best-of
         f("model.safetensors", 1710540580, "a2bf730a0c7debf160f7a6b50b3aaf3703e7e88ac73de7a314903141db026dcb")]},
     "sd-2.1-base": _sd("stabilityai/stable-diffusion-2-1-base", 3.46e9, 1.36e9,
                        unet_sha256="6dfae3e5f7d459b50f4b0850ead945972c75bb0e1897628933e169eb43974214"),

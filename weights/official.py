@@ -19,10 +19,11 @@ the tensors assigned, strictly, so the 7B model never exists twice in memory.
 """
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tqdm import tqdm
 
@@ -76,8 +77,108 @@ SAMPLING = {
     "dreamllm-7b-aesthetic": dict(sampler="ddpm", steps=150, guidance=3.5,
                                   prefix="(best quality,extremely detailed) ", negative=NEGATIVE),
 }
-# and answers: omni/eval/vqa/vqa_inference.py decodes with 5 beams (or samples at temperature 0.2)
-BEAMS = 5
+# and answers: omni/eval/vqa/vqa_inference.py decodes with 5 beams (or samples at temperature 0.2),
+# up to 1024 new tokens, the model in bf16 (l.110-137, 293); text-to-image runs in fp32
+# (projects/dreamllm/inference.py:58; omni/eval/text2img/ddp_sample_coco.py:79 leaves bf16 out)
+BEAMS, MAX_NEW_TOKENS = 5, 1024
+# The paper's COCO FID: 8 seeds per caption (42-49), each image scored by CLIP ViT-L/14's
+# logits_per_image against the caption, the best kept (scripts/eval/text2img/
+# eval_coco_zero_shot_clip8_select.sh; omni/eval/text2img/ddp_sample_coco.py, select_image)
+BEST_OF = dict(n=8, seed=42, scorer=WEIGHTS / "clip-vit-large-patch14")
+
+
+# ---------------------------------------------------------------------------------------- VQA
+# The official VQA evaluation (scripts/eval/vqa/eval_vqa.sh -> omni/eval/vqa/vqa_inference.py, at
+# RunpeiDong/DreamLLM 9dc7677): the eval template's system message starts with a space, which the
+# training template's lacks (omni/utils/conversation.py:263 against omni/conversation/
+# conversation.py:122); the user's turn is system_prompt + image + question + prompt, with no
+# separators (l.190-206); the reply opens with the post-prompt after "ASSISTANT: ", and only what
+# the model writes after it is the answer.
+EVAL_FORMAT = replace(VICUNA_V1_1, system=" " + VICUNA_V1_1.system, question="{question}")
+
+
+@dataclass(frozen=True)
+class VQAProtocol:
+    system_prompt: str = ""   # in the user's turn, before the image
+    prompt: str = ""          # after the question (a caption task has no question)
+    post_prompt: str = ""     # the reply's first words
+    task: str = "vqa"         # "vqa" | "caption" | "pope" | "mmbench" | "ocr": how the answer is cut
+    clip: bool = False        # --clip True: "." and '"' dropped, the first comma chunk, lower case
+    beams: int = BEAMS        # 1: sampled at temperature 0.2 (--beamsearch False: POPE)
+    known_first: bool = False  # VizWiz: "... Is the answer can be known?" first; "no" in it: unanswerable
+    pad_square: bool = False   # --img_aug padding_square_resize: the long side to 224, padded black
+
+
+ANSWER = "Based on the image, please answer the question."
+ONE_WORD = "Please provide an accurate answer within one word."
+# eval_vqa.sh's blocks by its line numbers; the shell passes the strings unquoted twice, so its
+# "The short answer '\(one word\)' is:" arrives as below (eval_dreamllm.py:27-42, multi_hardware_eval.py)
+SHORT = "The short answer (one word) is:"
+PROTOCOLS = {
+    "coco-caption": VQAProtocol("Based on the image, give the image caption briefly.",  # l.2-15
+                                "Please summarize object in one sentence within 10 words.",
+                                "The image depicts", task="caption"),
+    "nocaps": VQAProtocol("", "Please summarize object briefly in one sentence within 5 words.",  # l.17-28
+                          task="caption"),
+    "image2paragraph": VQAProtocol("Based on the image, please describe the image in detail.",  # l.30-43
+                                   "Please describe the image in detail.", "The image depicts",
+                                   task="caption"),
+    "vqav2": VQAProtocol(),  # sub-val, l.45-59: its prompts commented out
+    "vqav2-testdev": VQAProtocol(ANSWER, ONE_WORD, SHORT, clip=True),  # l.61-75
+    "textvqa": VQAProtocol(ANSWER, ONE_WORD, "The answer is:", clip=True),  # l.77-91
+    "mmbench": VQAProtocol("This is an exam, please answer according to the image, hint and question.",
+                           "Please provide an accurate and detailed answer.", task="mmbench"),  # l.93-105
+    "mm-vet": VQAProtocol("This is an exam, please answer according to the image and question.",  # l.107-119
+                          "Please provide an accurate, detailed and comprehensive answer."),
+    "vizwiz": VQAProtocol(known_first=True),  # val, l.121-130
+    "vizwiz-test": VQAProtocol(ANSWER, ONE_WORD, "The answer is:", clip=True, known_first=True),  # l.132-145
+    "okvqa": VQAProtocol("", "Please provide an accurate and brief answer within one word.", SHORT,  # l.147-160
+                         clip=True),
+    "docvqa": VQAProtocol(pad_square=True),  # l.165-174
+    "infographicvqa": VQAProtocol(pad_square=True),  # l.176-185
+    "ocr": VQAProtocol(task="ocr", pad_square=True),  # l.188-197
+    "pope": VQAProtocol("Based on the image, please objectively and accurately indicate whether the "  # l.200-236
+                        "object exists.", "", "The answer is:", task="pope", beams=1),
+}
+CAPTION_PROMPT = "please provide an accurate and concise description of the given image."  # l.152-160
+
+
+def pad_square(image, size=224):  # aspect kept, the long side to `size`, black to the right and below
+    scale = size / max(image.size)
+    image = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                        Image.BICUBIC)
+    square = Image.new("RGB", (size, size))
+    square.paste(image)
+    return square
+
+
+def cut(answer, protocol):  # the answer as the official scripts keep it (l.170, 210-213; POPE's reader)
+    if protocol.clip:
+        answer = answer.replace(".", "").replace('"', "").split(",")[0].lower()
+    if protocol.task == "caption":
+        answer = answer.capitalize()
+    if protocol.task == "pope":  # eval_utils.py:8-71: the first sentence's words; a no among them
+        words = answer.split(".")[0].replace(",", "").split(" ")
+        answer = "no" if {"No", "not", "no"} & set(words) else "yes"
+    return answer
+
+
+def ask(model, image, question, protocol, max_new_tokens=MAX_NEW_TOKENS, generator=None):
+    # One benchmark item as eval_vqa.sh asks it of the release: -> (the answer as scored, as written)
+    p = PROTOCOLS[protocol]
+    image = pad_square(image) if p.pad_square else image
+    kw = dict(beams=p.beams, max_new_tokens=max_new_tokens, prompts=EVAL_FORMAT, generator=generator,
+              temperature=0.0 if p.beams > 1 else 0.2, progress=False)
+    if p.known_first:  # the first pass: no system prompt, no prompt, no post-prompt
+        known = model.answer(image, f"<image>{question}Is the answer can be known?", **kw)
+        if "no" in known.lower():
+            return "unanswerable", known
+    if p.task == "caption":
+        message = f"{p.system_prompt}<image>{p.prompt or CAPTION_PROMPT}"
+    else:
+        message = f"{p.system_prompt}<image>{question}{p.prompt}"
+    written = model.answer(image, message, answer_start=p.post_prompt, **kw)
+    return cut(written, p), written
 
 
 def _missing(folder, names, download):
