@@ -66,6 +66,20 @@ def check_text(text):
                          "(only <image> may be typed, where an image goes)")
 
 
+def turns_of(text, reply):
+    # an example's text and reply -> (texts, replies), a list of each: a chat of several turns
+    # gives lists of one length, every reply but the last written (the official chats end each
+    # reply with </s>; an empty one has none)
+    if not isinstance(text, list):
+        return [text], [reply]
+    if not isinstance(reply, list) or len(reply) != len(text) or not text:
+        raise ValueError("a chat of several turns: text and reply must be lists of one length, "
+                         "the user's turns and the replies")
+    if any(not r for r in reply[:-1]):
+        raise ValueError("a chat of several turns: only the last reply may be empty")
+    return text, reply
+
+
 def byte_tokenizer() -> Tokenizer:
     # The tiny models' tokenizer: one token per UTF-8 byte (ids 0-255 = byte values), no merges, no
     # training. Bytes are shown as GPT-2's printable stand-ins: ByteLevel splits and decodes them.
@@ -218,11 +232,7 @@ class DreamLLM(nn.Module):
         # The parts are tokenized as one string, as the official code does, and each token labelled
         # by the part it starts in (SentencePiece spells a part's leading space with its first word).
         text_slots, reply_slots, learn = LAYOUTS[layout]
-        texts, replies = (text, reply) if isinstance(text, list) else ([text], [reply])
-        check_text("".join(texts + replies))
-        if (found := sum(t.count("<image>") for t in texts + replies)) != n_images:
-            raise ValueError(f"the text has {found} <image> placeholders but {n_images} images were "
-                             "given")
+        texts, replies = turns_of(text, reply)
         joined, parts = "", []  # parts: (where it starts in joined, its slots, learned?)
         for turn, (t, r) in enumerate(zip(texts, replies)):
             joined += "</s>" if turn else ""  # the reply before ends: EOS, learned with the reply
@@ -230,6 +240,11 @@ class DreamLLM(nn.Module):
                                           (r, reply_slots, learn in ("text", "reply"))):
                 parts += [(len(joined), slots, labelled)] if part else []
                 joined += part
+        # checked as the tokenizer reads it: no slot token forged across two parts
+        check_text(joined.replace("</s>", " ") if joined.count("</s>") == len(texts) - 1 else joined)
+        if (found := joined.count("<image>")) != n_images:
+            raise ValueError(f"the text has {found} <image> placeholders but {n_images} images were "
+                             "given")
         input_ids, labels = [self.bos_id], [-100]  # nothing predicts BOS
         encoded = self.tokenizer.encode(joined, add_special_tokens=False) if joined else None
         for i, (at, _) in zip(encoded.ids, encoded.offsets) if encoded else ():
@@ -253,7 +268,7 @@ class DreamLLM(nn.Module):
     def image_slots(text, layout, reply=""):
         # -> the slots of each image of an example, in order: "dream", "read" or "dream+read"
         text_slots, reply_slots, _ = LAYOUTS[layout]
-        texts, replies = (text, reply) if isinstance(text, list) else ([text], [reply])
+        texts, replies = turns_of(text, reply)
         return [slots for t, r in zip(texts, replies)
                 for part, slots in ((t, text_slots), (r, reply_slots)) for _ in range(part.count("<image>"))]
 

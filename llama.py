@@ -336,10 +336,12 @@ class Llama(nn.Module):
         def logprobs(h):  # (n, vocab): log_softmax, then the banned tokens impossible (HF's order)
             return F.log_softmax(self.lm_head(h).float(), -1).index_fill(-1, banned, float("-inf"))
 
-        def add(score, tokens):  # the `beams` best finished hypotheses are kept
-            ended.append((score / (P + len(tokens)) ** length_penalty, tokens))
-            ended.sort(key=lambda e: e[0], reverse=True)
-            del ended[beams:]
+        def add(score, tokens):  # the `beams` best finished hypotheses are kept, as HF keeps them:
+            score = score / (P + len(tokens)) ** length_penalty  # one no better than the worst is
+            if len(ended) < beams or score > min(s for s, _ in ended):  # not; of tied worst, the
+                ended.append((score, tokens))                            # oldest goes
+                if len(ended) > beams:
+                    del ended[min(range(len(ended)), key=lambda i: (ended[i][0], i))]
         banned = torch.tensor(list(banned), dtype=torch.long, device=inputs_embeds.device)
         P, cache = inputs_embeds.shape[1], KVCache(self.cfg.n_layers)
         logp = logprobs(self.hidden_states(inputs_embeds=inputs_embeds, cache=cache)[:, -1])
@@ -360,7 +362,8 @@ class Llama(nn.Module):
             seqs, scores = [seqs[r] + [t] for r, t in zip(rows, tokens)], logp.new_tensor(kept)
             # done (early_stopping=False) when `beams` have ended and the worst of them beats what
             # the step's best candidate would score at the current whole length
-            done = len(ended) == beams and ended[-1][0] >= top[0].item() / (P + step + 1) ** length_penalty
+            worst = min(score for score, _ in ended) if ended else None
+            done = len(ended) == beams and worst >= top[0].item() / (P + step + 1) ** length_penalty
             if done or step + 1 == max_new_tokens:
                 break
             cache.reorder(torch.tensor(rows, device=logp.device))
@@ -368,7 +371,7 @@ class Llama(nn.Module):
                                                cache=cache)[:, -1])
         for s, q in zip(scores.tolist(), seqs) if not done else ():  # cut at max_new_tokens
             add(s, q)
-        return ended[0][1]
+        return ended[max(range(len(ended)), key=lambda i: (ended[i][0], i))][1]  # of tied, the newest
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -382,7 +385,9 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         mass_before = sorted_probs.cumsum(-1) - sorted_probs  # the most likely token always stays
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # renormalizes by itself
+    # drawn where the generator is (a CPU one: the same text on any device); renormalizes by itself
+    on = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(on), 1, generator=generator).squeeze(-1).to(probs.device)
 
 
 def build(config) -> Llama:

@@ -17,11 +17,11 @@ STAGES = {
     # slot, by the diffusion loss alone (such a pair has no LM label).
     "I-creation": dict(groups=["dream_queries", "condition_projector"], lm_weight=0.0,
                        diffusion_weight=1.0, lr=2e-3, mix=["t2i"]),
-    # Comprehension: the visual projector, on pairs and questions laid out image then text, by the
-    # LM loss: LLaVA's pretraining pairs 558K, LAION's three sets 3 x 20M, GQA's questions 13.5M
-    # (configs/stage1/vicuna11_7b_llavapretran_comprehension_only.py:27-32): 81.7% / 18.3%.
+    # Comprehension: the visual projector, on pairs and chats laid out image then text, by the LM
+    # loss: LAION's three sets 3 x 20M, pairs read; LLaVA's pretraining pairs 558K and GQA's
+    # questions 13.5M, chats (configs/stage1/vicuna11_7b_llavapretran_comprehension_only.py:27-32)
     "I-comprehension": dict(groups=["visual_projector"], lm_weight=1.0, diffusion_weight=0.0,
-                            lr=2e-3, mix={"i2t": 9, "vqa": 2}),
+                            lr=2e-3, mix={"i2t": 81, "vqa": 19}),
     # II, I-GPT: all but CLIP and SD, on interleaved documents (MMC4 core, 7M) and pairs
     # (BLIP-LAION's 10M, each at random written or read) (configs/stage2/base.py:68-74).
     "II": dict(groups=["dream_queries", "condition_projector", "visual_projector", "llm"],

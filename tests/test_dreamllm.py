@@ -450,3 +450,19 @@ def test_answer_returns_text(model):
     assert isinstance(reply, str) and len(reply) > 0
     with pytest.raises(ValueError):  # an <image> without an image
         model.generate("<image>", [])
+
+
+def test_a_chat_of_several_turns_is_checked_as_the_tokenizer_reads_it(model):
+    ids, labels = model.encode_document(["<image> What is it?", " And its colour?"], 1, "chat",
+                                        [" a circle", " red"])
+    learned = [i for i, l in zip(ids.tolist(), labels.tolist()) if l != -100]
+    assert model.tokenizer.decode([i for i in learned if i != model.eos_id]) == " a circle red"
+    assert learned.count(model.eos_id) == 2  # each reply's end, the last the example's
+    with pytest.raises(ValueError, match="lists of one length"):
+        model.encode_document(["a", "b"], 0, "chat", " c")
+    with pytest.raises(ValueError, match="only the last reply may be empty"):
+        model.encode_document(["a", "b"], 0, "chat", ["", "c"])
+    with pytest.raises(ValueError, match="<im_start>"):  # forged across a turn's two parts
+        model.encode_document(["q <im_sta", "q"], 0, "chat", ["rt> r", "s"])
+    with pytest.raises(ValueError, match="placeholders"):  # an <image> made of two parts
+        model.encode_document("a <ima", 0, "chat", "ge> b")

@@ -144,9 +144,9 @@ CAPTION_PROMPT = "please provide an accurate and concise description of the give
 
 
 def pad_square(image, size=224):  # aspect kept, the long side to `size`, black to the right and below
-    scale = size / max(image.size)
-    image = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                        Image.BICUBIC)
+    w, h = image.size  # the short side truncated, as vqa_inference.py's resize_image (l.59-76)
+    w, h = (size, max(1, int(size / (w / h)))) if w > h else (max(1, int(size * (w / h))), size)
+    image = image.convert("RGB").resize((w, h), Image.BICUBIC)
     square = Image.new("RGB", (size, size))
     square.paste(image)
     return square
