@@ -108,11 +108,12 @@ def evaluate(model, run, args, sampling, out):
     meta = dict(model=f"{args.preset or DEFAULT_PRESET}, untrained" if run is None else
                 str(run["path"]))  # the checkpoint's step-N folder
     sampling = {k: v for k, v in sampling.items() if k != "generator"}  # it seeds its own
-    benchmark.benchmark(model, out, args.seed, sampling, sizes, beams=args.beams, meta=meta)
+    benchmark.benchmark(model, out, args.seed, sampling, sizes, beams=args.beams, meta=meta,
+                        split=args.split)
     if run is not None:  # the page to look at: the training's curves beside the benchmark's
         folder = args.ckpt or Path("out") / run["preset"]
         print(f"wrote {report.write(folder, out, out / 'report.html')}")
-        if line := report.summary(folder, out):  # is this run like ours? (docs/reference/<preset>/)
+        if args.split == "eval" and (line := report.summary(folder, out)):  # like ours? (docs/reference/<preset>/)
             print(line)
 
 
@@ -145,14 +146,15 @@ def main(argv=None):
                    "(a baseline)")
     p.add_argument("--out", default="out/samples", help="folder for the PNGs, document.html, "
                    "eval.json")
-    p.add_argument("--num-images", type=int, default=4, help="images for --prompt")
+    p.add_argument("--num-images", type=int, help="images for --prompt (default: 4)")
     p.add_argument("--best-of", type=int, help="--prompt: draw this many, one per seed (--seed, "
                    "--seed + 1, ...), rank them by a CLIP's image-text score, keep all (best_of.json) "
                    "and mark the best; the paper's COCO protocol: --model dreamllm-7b --best-of 8 --seed 42")
     p.add_argument("--scorer", help="--best-of's CLIP: a folder (default: weights/clip-vit-large-patch14 "
                    "for --model, as the paper; the toy model's own CLIP for a checkpoint)")
     p.add_argument("--vqa-protocol", choices=list(official.PROTOCOLS), help="--model --question: as "
-                   "the official eval_vqa.sh asks that benchmark (its prompts, beams, answer cut)")
+                   "the official eval_vqa.sh asks that benchmark (its prompts, beams, answer cut; "
+                   "the caption benchmarks ask no question: give --question ''); docs/release.md")
     p.add_argument("--seed", type=int, default=0, help="the noise (and the text, if --temperature > 0)")
     how = p.add_argument_group("sampling (default: the official scripts' for --model, "
                                "weights/official.py's SAMPLING; for the toy, DDIM 30 steps at "
@@ -166,13 +168,16 @@ def main(argv=None):
     how.add_argument("--beams", type=int, help="--question: beam search with this many beams (1: "
                      "greedy or sampled; default: 5 for --model, as the official VQA runs, else 1)")
     how.add_argument("--max-new-tokens", type=int, help="text tokens to write (default: 1024 for "
-                     "--model, as the official VQA; 32 for the toy)")
-    how.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+                     "--model's answers, as the official VQA; else 32)")
+    how.add_argument("--temperature", type=float, help="0: greedy (the default)")
     sizes = benchmark.Sizes()  # --eval's other sizes: python -m shapes.benchmark -h
     p.add_argument("--eval-images", type=int, default=sizes.images, help="--eval: images per "
                    "held-out single-shape prompt")
     p.add_argument("--eval-questions", type=int, default=sizes.questions, help="--eval: VQA "
                    "questions")
+    p.add_argument("--split", choices=list(data.SPLITS), default="eval", help="--eval's held-out "
+                   "pairs: eval (data.HELD_OUT, the rows we report) or val (data.VALIDATION, where "
+                   "recipes are chosen)")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu")
     args = p.parse_args(argv)
     if args.question is not None and not args.image:
@@ -190,20 +195,25 @@ def main(argv=None):
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.vqa_protocol and not (args.model and args.question is not None):
         p.error("--vqa-protocol goes with --model and --question (the release's benchmarks)")
-    if args.best_of is not None and (args.prompt is None or args.image or args.baseline_sd):
-        p.error("--best-of goes with --prompt alone (text -> image)")
+    if args.vqa_protocol and (args.beams or args.temperature):
+        p.error("--vqa-protocol decodes as the benchmark's script does: not with --beams or "
+                "--temperature")
+    if args.best_of is not None and (args.prompt is None or args.image or args.baseline_sd
+                                     or args.num_images is not None):
+        p.error("--best-of goes with --prompt alone (text -> image; it draws --best-of images)")
     if args.scorer and args.best_of is None:
         p.error("--scorer goes with --best-of")
     args.beams = args.beams or (official.BEAMS if args.model else 1)
     if args.max_new_tokens is None:
-        args.max_new_tokens = official.MAX_NEW_TOKENS if args.model else 32
-    args.best_of = 1 if args.best_of is None else args.best_of  # checked below; 1: no ranking
+        args.max_new_tokens = official.MAX_NEW_TOKENS if args.model and args.question is not None else 32
+    args.num_images = 4 if args.num_images is None else args.num_images
     for name in ("num_images", "steps", "eval_images", "eval_questions", "max_new_tokens", "beams",
                  "best_of"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
         p.error(f"--guidance {args.guidance}: must be a number >= 0 (1: no guidance)")
+    args.temperature = args.temperature or 0.0
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         p.error(f"--temperature {args.temperature}: must be a number >= 0 (0: greedy)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -259,7 +269,7 @@ def draw(model, sd, image, args, sampling, out):
     prompt = args.prefix + args.prompt
     if image is not None and data.IMAGE_TOKEN not in prompt:
         prompt = f"{data.IMAGE_TOKEN} {prompt}"  # the picture read first, then the dream slot
-    if args.best_of > 1:
+    if args.best_of is not None:
         return best_of(model, prompt, args, sampling, out)
     images = model.text_to_image(prompt, args.num_images, images=[image] if image else [],
                                  **sampling)

@@ -53,8 +53,8 @@ def cycle(mix):
 # random (RandomHorizontalFlip; CLIP's copy is not).
 OFFICIAL = dict(betas=(0.9, 0.999), warmup_ratio=0.003, final_lr=0.0, random_flip=True, whiten=False)
 # A preset's recipe: the official one with named deviations, each measured on the main job
-# (held-out colour / shape, 64 images per prompt; README: "the recipe"; the same four held-out
-# prompts chose them: there is no other split).
+# (held-out colour / shape, 64 images per prompt; docs/recipe.md). The four held-out prompts chose
+# them, before data.VALIDATION existed; choices from 2026-12-04 on are made on it.
 RECIPES = {
     "toy": dict(
         whiten=True,        # a trick of ours (whitening.py): the frozen toy LLM's states, whitened

@@ -1,7 +1,8 @@
 """The shapes world's benchmark: does a DreamLLM draw what it is asked, read what it is shown, and
 write documents whose text is true of the pictures it drew? Judged without a model, by the shapes
 world's analyser (judge.analyse_scene) and caption parser (judge.parse_caption), on colour-shape
-combinations that training never showed (data.HELD_OUT, split "eval").
+combinations that training never showed (data.HELD_OUT, split "eval"; --split val: data.VALIDATION's,
+where recipes are chosen).
 
     python -m shapes.benchmark --ckpt out/toy --out out/eval       # a train.py run: about a minute
     python -m shapes.benchmark --untrained                         # the toy preset as built: the baseline
@@ -128,16 +129,16 @@ def draw_all(model, prompts, k, sampling, g, desc, condition=None):
 
 # ------------------------------------------------------------------------------------- creation
 
-def two_shape_scenes(sizes, seed):  # the two-shape prompts' scenes, each of held-out pairs
-    return [data.random_scene(random.Random(f"{seed}/benchmark/two/{i}"), "eval", n_shapes=2)
+def two_shape_scenes(sizes, seed, split="eval"):  # the two-shape prompts' scenes, held-out pairs
+    return [data.random_scene(random.Random(f"{seed}/benchmark/two/{i}"), split, n_shapes=2)
             for i in range(sizes.two_shapes)]
 
 
-def create(model, sizes, sampling, seed, condition=None):
+def create(model, sizes, sampling, seed, condition=None, split="eval"):
     # -> rows, details, grids: held-out single shapes, two shapes bound and placed, counts
     # (condition: as draw_all's)
-    singles = data.eval_prompts()  # [(prompt, colour, shape)]
-    scenes = two_shape_scenes(sizes, seed)
+    singles = data.eval_prompts(split)  # [(prompt, colour, shape)]
+    scenes = two_shape_scenes(sizes, seed, split)
     twos = [data.caption(s, form="no size") for s in scenes]  # "a red circle on the left and ..."
     drawn = draw_all(model, [p for p, _, _ in singles], sizes.images, sampling, generator(seed, 0),
                      "create: single shapes", condition)
@@ -181,14 +182,14 @@ def drawings(shapes, n, rng, size):
                    jitter(), jitter()) for c, s, p in shapes))), size) for _ in range(n)])
 
 
-def fitted_conditions(model, sizes, seed, steps, batch=16, lr=0.02):
+def fitted_conditions(model, sizes, seed, steps, batch=16, lr=0.02, split="eval"):
     # -> prompt -> (1, L, C). No LLM: each creation prompt's condition fitted directly, by the
     # frozen UNet's denoising loss on 128 drawings of what the prompt asks (sizes and jitter drawn
     # anew; a lone shape's place too), starting from E(prompt). What the frozen UNet can be made
     # to draw at all: a bound on any condition DreamLLM's queries could learn (up to this search)
-    asked = [(p, [(c, s, None)]) for p, c, s in data.eval_prompts()]
+    asked = [(p, [(c, s, None)]) for p, c, s in data.eval_prompts(split)]
     asked += [(data.caption(sc, form="no size"), [(s.color, s.shape, s.position) for s in sc.shapes])
-              for sc in two_shape_scenes(sizes, seed)]
+              for sc in two_shape_scenes(sizes, seed, split)]
     fitted, g = {}, torch.Generator().manual_seed(seed)
     with torch.enable_grad(), tqdm(asked, desc="fit conditions", unit="prompt", disable=None) as bar:
         for prompt, shapes in bar:
@@ -229,7 +230,7 @@ def vqa(model, sizes, seed, beams, split="eval"):
     items = []
     for i in tqdm(range(sizes.questions), desc=f"VQA ({split})", unit="question", disable=None):
         scene, question, answer = data.question_example(
-            seed if split == "eval" else f"benchmark/{seed}", i, split)
+            f"benchmark/{seed}" if split == "train" else seed, i, split)
         reply = model.answer(data.draw(scene), question, beams=beams,
                              max_new_tokens=sizes.answer_tokens, progress=False)
         kind = next(k for k, words in KINDS.items() if answer in words)
@@ -241,12 +242,12 @@ def vqa(model, sizes, seed, beams, split="eval"):
     return rows + [row("VQA: all", [d["right"] for d in items])], items
 
 
-def captions(model, sizes, seed):
+def captions(model, sizes, seed, split="eval"):
     # right: every shape of the scene named with its true colour and shape, and every claim the
     # caption makes (its sizes and positions too) true of one of the scene's shapes
     items = []
     for i in tqdm(range(sizes.captions), desc="captions", unit="caption", disable=None):
-        truth, scene = data.caption_example(seed, i, "eval")
+        truth, scene = data.caption_example(seed, i, split)
         segments = model.generate(data.IMAGE_TOKEN, [data.draw(scene)], layout="i2t",
                                   max_new_tokens=sizes.caption_tokens, max_images=0,
                                   progress=False)
@@ -273,7 +274,7 @@ def back_statements(text):
             for c in judge.parse_caption(s)]
 
 
-def documents(model, sizes, sampling, seed, out):
+def documents(model, sizes, sampling, seed, out, split="eval"):
     # Each opening line is continued with its picture drawn first (force_image), then whatever the
     # model writes: text, up to DOCUMENT_IMAGES pictures, until it ends or the budget runs out.
     # It ended itself if it wrote fewer than document_tokens tokens: generate's budget counts each
@@ -283,7 +284,7 @@ def documents(model, sizes, sampling, seed, out):
     (out / "documents").mkdir(exist_ok=True)
     for i in tqdm(range(sizes.documents), desc="documents", unit="document", disable=None):
         rng = random.Random(f"{seed}/benchmark/document/{i}")
-        scene = data.random_scene(rng, "eval", n_shapes=1)
+        scene = data.random_scene(rng, split, n_shapes=1)
         asked = scene.shapes[0]
         opening = data.FIRST[i % len(data.FIRST)].format(data.caption(scene, rng))
         # the trailing space: training's "Here is a red circle. <image>" has it before the slot
@@ -385,19 +386,20 @@ def mark(item):  # a judged item's row class in eval.html
 
 @torch.no_grad()
 def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
-              condition=None):
+              condition=None, split="eval"):
     # -> the rows; writes eval.json, eval.html, the grids and the documents' PNGs into `out`.
     # sampling: SAMPLING's keys (None: SAMPLING); sizes: Sizes (None: its defaults); meta: what
     # eval.json records of the run; condition: prompt -> (1, L, C) in place of the LLM's, the
-    # creation rows only, e.g. the text encoder's own E(prompt) or fitted_conditions: the ceilings
+    # creation rows only, e.g. the text encoder's own E(prompt) or fitted_conditions: the ceilings;
+    # split: the held-out pairs asked about, "eval" (HELD_OUT, reported) or "val" (VALIDATION)
     sampling, sizes, out, start = sampling or SAMPLING, sizes or Sizes(), Path(out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    rows, details, grids = create(model, sizes, sampling, seed, condition)
+    rows, details, grids = create(model, sizes, sampling, seed, condition, split)
     if condition is None:  # the rest needs the LLM
-        parts = [("vqa", lambda: vqa(model, sizes, seed, beams)),
+        parts = [("vqa", lambda: vqa(model, sizes, seed, beams, split)),
                  ("vqa_seen", lambda: vqa(model, sizes, seed, beams, split="train")),
-                 ("captions", lambda: captions(model, sizes, seed)),
-                 ("documents", lambda: documents(model, sizes, sampling, seed, out))]
+                 ("captions", lambda: captions(model, sizes, seed, split)),
+                 ("documents", lambda: documents(model, sizes, sampling, seed, out, split))]
         for name, part in parts:
             more, details[name] = part()
             rows += more
@@ -408,10 +410,11 @@ def benchmark(model, out, seed=0, sampling=None, sizes=None, beams=1, meta=None,
     grid(glance + [(p, ims[:6], seen[:6]) for p, ims, seen in grids["eval_two_shapes.png"][:2]]
          ).save(out / "held_out.png")
     seconds = time.time() - start
-    about = (f"seed {seed}, {sampling['sampler']} {sampling['steps']} steps, guidance "
+    about = (f"split {split} ({', '.join(f'{c} {s}' for c, s in data.SPLITS[split])}), "
+             f"seed {seed}, {sampling['sampler']} {sampling['steps']} steps, guidance "
              f"{sampling['guidance']}; {seconds:.0f} s" +
              "".join(f"; {k} {v}" for k, v in (meta or {}).items()))
-    report = dict(rows=rows, about=about, seed=seed, sampling=sampling, sizes=asdict(sizes),
+    report = dict(rows=rows, about=about, split=split, seed=seed, sampling=sampling, sizes=asdict(sizes),
                   seconds=round(seconds, 1), **(meta or {}), details=details)
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "eval.html").write_text(page(report), encoding="utf-8")
@@ -460,6 +463,9 @@ def main(argv=None):
                    "--fit-condition")
     p.add_argument("--out", default="out/eval", help="folder for eval.json, eval.html, the PNGs")
     p.add_argument("--seed", type=int, default=0, help="the items and the noise")
+    p.add_argument("--split", choices=list(data.SPLITS), default="eval", help="the held-out pairs "
+                   "asked about: eval, data.HELD_OUT's, the rows we report; val, data.VALIDATION's, "
+                   "where recipes are chosen")
     p.add_argument("--quick", action="store_true", help="a few of each (QUICK), to see it run")
     for f in fields(Sizes):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=int, metavar="N",
@@ -487,10 +493,12 @@ def main(argv=None):
         with cli.autocast(device):
             condition = None  # the LLM's
             if args.fit_condition:
-                condition = fitted_conditions(model, sizes, args.seed, args.fit_condition)
+                condition = fitted_conditions(model, sizes, args.seed, args.fit_condition,
+                                              split=args.split)
             elif args.text_encoder:
                 condition = lambda p: model.text_states([p])
-            benchmark(model, args.out, args.seed, sampling, sizes, meta=meta, condition=condition)
+            benchmark(model, args.out, args.seed, sampling, sizes, meta=meta, condition=condition,
+                      split=args.split)
     cli.main(run, "python -m shapes.benchmark")
 
 

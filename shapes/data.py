@@ -8,7 +8,8 @@ run can rebuild batch i):
   documents(seed)  -> (text, [images])          "Here is a red circle. <image> Next comes ... <image>"
   questions(seed)  -> (image, question, answer) ("What colour is the square?", "blue")
   text_corpus(seed, n) -> n lines of the above as text, for the toy tokenizer and LLM.
-`split="train"` never shows a HELD_OUT colour-shape combination, `split="eval"` shows only those,
+`split="train"` never shows a HELD_OUT or VALIDATION colour-shape combination, `split="eval"` shows
+only HELD_OUT's (the results we report), `split="val"` only VALIDATION's (where recipes are chosen),
 `split="all"` shows everything (for backbones that, like Stable Diffusion, have seen the world).
 What an image shows and what a sentence claims are judged in judge.py.
 
@@ -48,8 +49,12 @@ POSITIONS = {"on the left": (16, 32), "on the right": (48, 32), "at the top": (3
              "at the bottom": (32, 48), "in the middle": (32, 32)}  # centre (x, y)
 PAIRS = (("on the left", "on the right"), ("at the top", "at the bottom"))  # two shapes never touch
 JITTER = 2  # centres move up to this many pixels, so no two images of a caption are identical
-# Kept out of split="train" for evaluation; every colour and every shape still appears in training.
+# Kept out of split="train" for evaluation (the reported rows) ...
 HELD_OUT = (("blue", "triangle"), ("green", "circle"), ("orange", "triangle"), ("red", "square"))
+# ... and for choosing recipes, step counts, weights and sampler settings, never reported as the
+# result. Training keeps every colour in two pairs and every shape in four.
+VALIDATION = (("yellow", "square"), ("purple", "circle"))
+SPLITS = {"eval": HELD_OUT, "val": VALIDATION}
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 
 
@@ -74,12 +79,12 @@ def combos(split="train"):
     """The (colour, shape) combinations a split may show."""
     every = [(c, s) for c in COLORS for s in SHAPES]
     if split == "train":
-        return [cs for cs in every if cs not in HELD_OUT]
-    if split == "eval":
-        return list(HELD_OUT)
+        return [cs for cs in every if cs not in HELD_OUT + VALIDATION]
+    if split in SPLITS:
+        return list(SPLITS[split])
     if split == "all":
         return every
-    raise ValueError(f"unknown split {split!r} (expected 'train', 'eval' or 'all')")
+    raise ValueError(f"unknown split {split!r} (expected 'train', 'eval', 'val' or 'all')")
 
 
 def random_scene(rng, split="train", n_shapes=None):
@@ -324,9 +329,9 @@ def text_corpus(seed, n, split="train", back=True):
     return lines
 
 
-def eval_prompts():
-    """[(prompt, colour, shape)] for every held-out combination: 'a blue triangle', ..."""
-    return [(f"a {c} {s}", c, s) for c, s in HELD_OUT]
+def eval_prompts(split="eval"):
+    """[(prompt, colour, shape)] for every combination held out in a split: 'a blue triangle', ..."""
+    return [(f"a {c} {s}", c, s) for c, s in SPLITS[split]]
 
 
 # ------------------------------------------------------------------------------ real data manifests

@@ -214,6 +214,19 @@ def test_an_oracle_scores_one_everywhere_and_a_blank_painter_zero(tiny, tmp_path
     assert values["document: back statements true"] == 0.0  # nothing there to be true of
 
 
+def test_the_validation_split_asks_only_of_validation_pairs(tiny, tmp_path, monkeypatch):
+    asked = []
+    blank = Image.new("RGB", (64, 64), data.BACKGROUND)
+    monkeypatch.setattr(benchmark, "draw_all", lambda model, prompts, k, *a, **kw: asked.extend(prompts) or
+                        [[blank] * k for _ in prompts])
+    benchmark.benchmark(tiny, tmp_path, sampling=FAST, sizes=TINY, split="val")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    val = [re.compile(rf"\b{c} {s}\b") for c, s in data.VALIDATION]
+    assert report["split"] == "val" and asked and all(any(v.search(p) for v in val) for p in asked)
+    questions = [d["question"] for d in report["details"]["vqa"]]
+    assert questions and report["about"].startswith("split val (yellow square, purple circle)")
+
+
 def test_main_untrained_and_bad_input(tmp_path, capsys):
     benchmark.main(["--untrained", "--preset", "tiny", "--quick", "--steps", "2", "--questions",
                     "3", "--document-tokens", "4", "--out", str(tmp_path)])

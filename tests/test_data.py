@@ -77,11 +77,11 @@ def test_unknown_split_is_an_error():
 
 # ---------------------------------------------------------------------------------------- splits
 
-def test_train_never_shows_a_held_out_combination():
+def test_train_never_shows_a_held_out_or_validation_combination():
     for scene in scenes_of("train"):
         for s in scene.shapes:
-            assert (s.color, s.shape) not in data.HELD_OUT
-    held = [re.compile(rf"\b{c} {s}\b") for c, s in data.HELD_OUT]
+            assert (s.color, s.shape) not in data.HELD_OUT + data.VALIDATION
+    held = [re.compile(rf"\b{c} {s}\b") for c, s in data.HELD_OUT + data.VALIDATION]
     for text in texts_of("train"):
         assert not any(h.search(text) for h in held), text
 
@@ -93,11 +93,23 @@ def test_eval_shows_only_held_out_combinations():
     assert all(p == f"a {c} {s}" for p, c, s in data.eval_prompts())
 
 
+def test_val_shows_only_validation_combinations_none_of_eval():
+    for scene in scenes_of("val", 200):
+        assert all((s.color, s.shape) in data.VALIDATION for s in scene.shapes)
+    assert [(c, s) for _, c, s in data.eval_prompts("val")] == list(data.VALIDATION)
+    assert not set(data.VALIDATION) & set(data.HELD_OUT)
+    # the example streams of the splits differ: a val question is never an eval one
+    assert data.question_example(0, 0, "val")[0] != data.question_example(0, 0, "eval")[0]
+
+
 def test_train_covers_every_colour_shape_and_allowed_combination():
     seen = {(s.color, s.shape) for scene in scenes_of("train") for s in scene.shapes}
     assert seen == set(data.combos("train"))
     assert {c for c, _ in seen} == set(data.COLORS) and {s for _, s in seen} == set(data.SHAPES)
-    assert set(data.combos("all")) == seen | set(data.HELD_OUT)
+    assert set(data.combos("all")) == seen | set(data.HELD_OUT) | set(data.VALIDATION)
+    # balanced: every colour in two training pairs, every shape in four
+    assert sorted(c for c, _ in seen) == sorted(list(data.COLORS) * 2)
+    assert sorted(s for _, s in seen) == sorted(list(data.SHAPES) * 4)
     sizes_positions = {(s.size, s.position) for scene in scenes_of("train") for s in scene.shapes}
     assert sizes_positions == set(itertools.product(data.SIZES, data.POSITIONS))
 

@@ -142,6 +142,14 @@ def test_bad_input_is_one_line(argv, code, says, capsys, tmp_path):
 
 # ---- the statistics -----------------------------------------------------------------------------
 
+def test_sweeps_choose_on_the_validation_pairs_unless_asked():
+    argv, request = sweep.eval_request("--quick")
+    assert argv[-2:] == ["--split", "val"] and request["split"] == "val"
+    argv, request = sweep.eval_request("--split eval --images 2")
+    assert argv == ["--images", "2", "--split", "eval"] and request["split"] == "eval"
+    assert request["sizes"]["images"] == 2
+
+
 def test_t_interval_by_hand():
     # 0.4, 0.5, 0.6: mean 0.5, sd 0.1, df 2: t 4.303; half-width 4.303 * 0.1 / sqrt(3) = 0.248434
     mean, low, high = sweep.t_interval([0.4, 0.5, 0.6])
@@ -260,7 +268,10 @@ def test_a_tiny_sweep_end_to_end_and_again(tmp_path, capsys):
         ("target=epsilon", [0, 1]), ("target=v", [0, 1])]
     assert len(results["runs"]) == 4 and all(run["rows"] for run in results["runs"])
     pooled = {r["name"]: r["pooled"] for r in results["variants"][0]["rows"]}
-    assert pooled["create: held-out shape, both"]["n"] == 2 * 4  # 2 seeds x 4 prompts x 1 image
+    # 2 seeds x 2 prompts x 1 image: a sweep asks of the validation pairs (data.VALIDATION)
+    assert pooled["create: held-out shape, both"]["n"] == 2 * 2
+    assert all(json.loads((run / "eval" / "eval.json").read_text())["split"] == "val"
+               for run in out.glob("*/seed-*"))
     assert pooled["VQA: all"]["n"] == 2 * 2
     for v, target in (("target=epsilon", "epsilon"), ("target=v", "v")):
         for seed in (0, 1):

@@ -1,5 +1,6 @@
 """The researcher's bench: a study is a few variants of a train.py run, each trained from a few
-seeds, each run benchmarked (benchmark.py), and the variants tabulated with 95% intervals.
+seeds, each run benchmarked (benchmark.py) on the validation pairs (data.VALIDATION; --eval-sizes
+"--split eval" for the reported ones), and the variants tabulated with 95% intervals.
 
     python -m tools.sweep variants             # the loss variants (STUDIES below), 3 seeds
     python -m tools.sweep queries --seeds 2 --dry-run     # the runs it would make; trains nothing
@@ -43,7 +44,7 @@ from tqdm import tqdm
 import train
 from plumbing import checkpoint, cli
 from plumbing.cli import Stop
-from shapes import benchmark, pages, report
+from shapes import benchmark, data, pages, report
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: train.py, shapes/benchmark.py
 CREATION = ["create: held-out shape, both", "create: two shapes bound and placed",
@@ -94,7 +95,7 @@ STUDIES = {
         runs=[("creation-only", "--stage II --steps 300 --mix t2i --init {start}"),
               ("comprehension-only", "--stage II --steps 300 --mix i2t,vqa --init {start}"),
               ("joint", "--stage II --steps 300 --mix t2i,i2t,vqa --init {start}")],
-        rows=BOTH, eval=""),
+        rows=BOTH, eval="--split eval"),  # a finding reported, not a choice made: HELD_OUT's
     # Score distillation against alignment (sec. 2.1): DreamLLM learns its condition through the
     # frozen UNet's score; GILL, Emu and NExT-GPT regress it onto the text encoder's states of the
     # caption (alignment.py). Both through GILL's mapper, so the UNet reads the same (L, C) under
@@ -287,15 +288,18 @@ def eval_request(text):
     p.add_argument("--guidance", type=float, default=benchmark.SAMPLING["guidance"])
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default=benchmark.SAMPLING["sampler"])
     p.add_argument("--device")
-    argv = argv_of([(f, vs[0]) for f, vs in parse_flags(text)])
-    a = p.parse_args(argv)
+    # sweeps choose recipes: on the validation pairs, unless asked otherwise
+    p.add_argument("--split", choices=list(data.SPLITS), default="val")
+    flags = [(f, vs[0]) for f, vs in parse_flags(text)]
+    a = p.parse_args(argv_of(flags))
+    argv = argv_of([(f, v) for f, v in flags if f != "--split"]) + ["--split", a.split]
     given = {f.name: getattr(a, f.name) for f in fields(benchmark.Sizes)
              if getattr(a, f.name) is not None}
     if bad := [k for k, v in dict(given, steps=a.steps).items() if v < 1]:
         p.error(f"--{bad[0].replace('_', '-')} must be at least 1")
     sizes = replace(benchmark.QUICK if a.quick else benchmark.Sizes(), **given)
     sampling = dict(benchmark.SAMPLING, steps=a.steps, guidance=a.guidance, sampler=a.sampler)
-    return argv, dict(sizes=asdict(sizes), sampling=sampling)
+    return argv, dict(sizes=asdict(sizes), sampling=sampling, split=a.split)
 
 
 def eval_is_fresh(run, request):
