@@ -525,3 +525,10 @@ def test_sample_asks_by_a_vqa_protocol(release, model, monkeypatch, capsys, tmp_
     sample.main(["--model", "dreamllm-7b", "--image", str(tmp_path / "p.png"), "--question", "What sport?",
                  "--vqa-protocol", "okvqa", "--out", str(tmp_path), "--device", "cpu"])
     assert capsys.readouterr().out == "tennis\n" and asked == [("What sport?", "okvqa", 1024)]
+
+
+def test_a_generation_config_that_would_change_decoding_is_named(release, capsys, tmp_path):
+    assert official._generation_config(release[0]) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "max_length": 2048, "temperature": 0.9, "top_p": 0.6}))
+    assert official._generation_config(tmp_path) == {"temperature": 0.9, "top_p": 0.6}

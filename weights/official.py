@@ -19,6 +19,7 @@ the tensors assigned, strictly, so the 7B model never exists twice in memory.
 """
 import json
 import re
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -259,7 +260,22 @@ def load_official(folder, device="cpu", dtype=torch.bfloat16, clip_config="clip-
         model = DreamLLM(*backbones, sd["scheduler"], tokenizer, dream, prompts=VICUNA_V1_1)
     assign(model, state, folder, ignore=IGNORE)
     model.llm.tie_weights()
+    if unapplied := _generation_config(folder):
+        print(f"note: {folder / 'generation_config.json'} sets {unapplied}: the official scripts' "
+              "generate() applies them, answer() does not (docs/release.md)", file=sys.stderr)
     return model.eval()
+
+
+# transformers' generate() reads a checkpoint's generation_config.json; these fields change nothing
+# a DreamLLM answer does (ids we read from the tokenizer; max_length: max_new_tokens wins)
+GENERATION_READ = {"bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
+                   "_from_model_config", "max_length"}
+
+
+def _generation_config(folder):  # -> the decoding settings of the file that answer() leaves out
+    path = Path(folder) / "generation_config.json"
+    found = read_config(folder, path.name) if path.is_file() else {}
+    return {k: v for k, v in found.items() if k not in GENERATION_READ}
 
 
 # ----------------------------------------------------------------------------------------------------
