@@ -98,7 +98,10 @@ def test_the_studies_say_what_the_brief_asks(capsys, tmp_path):
     lines = dry(["synergy", "--seeds", "1", "--out", str(tmp_path / "s")], capsys)
     stages = [(a.stage, a.mix) for a in (train.parse_args(shlex.split(x)[2:]) for x in lines)]
     assert stages == [("I-comprehension", None), ("I-creation", None), ("II", "t2i"),
-                      ("II", "i2t,vqa"), ("II", "t2i,i2t,vqa")]
+                      ("II", "i2t,vqa"), ("II", "t2i,i2t,vqa"), ("II", "t2i,i2t,t2i,vqa")]
+    # the matched joint arm sees exactly both arms' examples: 300 pairs written, 150 read, 150 asked
+    steps = [train.parse_args(shlex.split(x)[2:]).steps for x in lines]
+    assert steps[2:] == [300, 300, 300, 600]
     lines = dry(["objective", "--seeds", "1", "--out", str(tmp_path / "o")], capsys)
     arms = [(a.objective, a.bridge, a.align_distance)
             for a in (train.parse_args(shlex.split(x)[2:]) for x in lines)]
