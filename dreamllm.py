@@ -169,8 +169,9 @@ class DreamLLM(nn.Module):
         self.prompts = prompts or PromptFormat()
         self.noise_scheduler = diffusion.DDPM(scheduler_config)  # q(z_t | z_0) of training
         # Rows >= n_text_vocab are the tokens DreamLLM adds (and, for a tokenizer bigger than its
-        # LLM, the ones the LLM never saw): a frozen LLM's stage still trains them ("new_tokens", as
-        # LLaVA). Tokens added to the tokenizer's model (the release's 8, from 32000) are new too.
+        # LLM, the ones the LLM never saw): the group "new_tokens" trains them alone, as LLaVA can
+        # (no stage of ours does; a recipe's groups may name it). Tokens added to the tokenizer's
+        # model (the release's 8, from 32000) are new too.
         self.n_text_vocab = min(llm.model.embed_tokens.weight.shape[0],
                                 tokenizer.get_vocab_size(with_added_tokens=False))
         tokenizer.add_special_tokens(SPECIAL_TOKENS)   # a no-op for tokens it already has
@@ -353,7 +354,7 @@ class DreamLLM(nn.Module):
         #   align:     distance(c, E(caption)) over the dream slots `captions` = (slots, texts)
         #              names, the null condition with them (alignment_loss)
         #   anchor:    |c - c_0|^2 over the dream slots `anchor` = (slots, c_0) names (train.py)
-        # The toy's shapes (stage II, a batch of 8 pairs and documents): input_ids (8, T <= 256);
+        # The toy's shapes (stage II, up to 8 rows of pairs and documents): input_ids (8, T <= 256);
         # h (8, T, 192); an image written is K = 8 queries, so c is (n, 8, 128), the toy UNet's
         # context; z_t (n, 4, 16, 16). The diffusion loss's gradient runs back through the frozen
         # UNet's cross-attention to c, through the condition projector, down the LLM's layers to

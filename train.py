@@ -3,9 +3,9 @@ which parameter groups train, the weights of the loss's terms, the learning rate
 training examples.
 
     python train.py                 # the main job: the four-stage curriculum, into out/toy/
-    python train.py --stage II --init out/toy/I-comprehension        # one stage, into out/toy-II
-    python train.py --preset tiny --steps 20 --device cpu --out out/try
-    python train.py --stage I-comprehension --init out/tiny --out out/tiny-comprehension
+    python train.py --stage II --init out/toy/I-creation            # one stage, into out/toy-II
+    python train.py --preset tiny --stage I-creation --steps 20 --device cpu --out out/try
+    python train.py --preset tiny --stage I-comprehension --init out/try --out out/tiny-comprehension
     torchrun --nproc_per_node 2 train.py --device cpu --batch-size 8     # 2 processes, 4 documents each
     torchrun --nproc_per_node 8 train.py --preset dreamllm-7b --stage II --fsdp --checkpointing --compile
 
@@ -193,12 +193,14 @@ def train(args):
 def step_loss(model, anchor, batch, share, weights, device):
     # The loss of one batch, the paper's sum with the stage's weights (TERMS; loss_weights):
     #   L = w_lm CE + w_diffusion |eps - unet(z_t, t, c)|^2 + w_align align + w_anchor |c - c_0|^2
-    # The toy's stage II: CE + 10 diffusion + 10 anchor. The LLM runs three times here: the model
-    # over the batch (CE, and c at the dream slots; dreamllm.forward), the frozen copy of the
-    # stage's start over the batch's pairs (c_0, anchor_targets), and the model over "" (the null
-    # condition that condition dropout puts in c's place; dreamllm.diffusion_loss).
-    # share: this batch's part of the global micro-batch's labels, images and pairs (plumbing/
-    # parallel.py). -> (the weighted sum, a scalar; the four terms, (4,), each times its share)
+    # The toy's stage II: CE + 10 diffusion + 10 anchor. The LLM runs up to three times here: the
+    # model over the batch (CE, and c at the dream slots; DreamLLM.forward), the frozen copy of the
+    # stage's start over the batch's pairs (c_0, anchor_targets: toy II and III), and the model over
+    # "" (the null that condition dropout puts in c's place, cond_dropout > 0; DreamLLM.diffusion_loss).
+    # share: (labelled tokens, images, pairs) of this batch over those of the global micro-batch, so
+    # that the terms summed over batches and processes are means over it (plumbing/parallel.py).
+    # In the toy's I-creation the condition projector trains through a whitening of its input
+    # (plumbing/whitening.py). -> (the weighted sum, a scalar; the four terms, (4,), each x share)
     pairs = batch.pop("pairs")  # the rows of pairs written: what the anchor holds
     held = batch.pop("held_ids", None)  # (len(pairs), T') what it holds them to
     with cli.autocast(device):

@@ -2,7 +2,8 @@
 are in diffusion.py; the original single-file checkpoints are converted in weights/convert.py).
 
 SD works in the latent space of a VAE: an image x in [-1, 1], (B, 3, H, W), is encoded to a Gaussian
-posterior whose mean, times `scaling_factor` (0.18215), is the latent z0, (B, 4, H/8, W/8). Training
+posterior; a sample of it (mean + std x noise), times `scaling_factor` (0.18215), is the latent z0,
+(B, 4, H/8, W/8) for SD (the VAE halves the size per level but the last; the toy's: H/4). Training
 noises it, z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, and the UNet learns eps_theta(z_t, t, context),
 cross-attending to a context of S vectors (77 CLIP text tokens in SD; 64 dream queries in DreamLLM).
 
@@ -509,13 +510,15 @@ class VAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
 
     def encode(self, x):
-        """x in [-1, 1], (B, 3, H, W) -> the posterior's (mean, logvar), each (B, 4, H/8, W/8), unscaled.
+        """x in [-1, 1], (B, 3, H, W) -> the posterior's (mean, logvar), each (B, 4, h, w), unscaled
+        (h = H/8 for SD's four levels; H/4 for the toy's three).
         A latent is mean (+ exp(logvar / 2) * noise), times scaling_factor."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # keeps exp(logvar) finite, as the original does
 
     def decode(self, z):
-        """z (B, 4, h, w), already divided by scaling_factor -> image (B, 3, 8h, 8w), about [-1, 1]."""
+        """z (B, 4, h, w), already divided by scaling_factor -> image (B, 3, 8h, 8w) for SD (4h, 4w:
+        the toy), about [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
 

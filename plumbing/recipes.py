@@ -66,9 +66,9 @@ RECIPES = {
         stages={"I-creation": dict(diffusion_weight=10.0),     # then 0.90 / 0.93
                 # the comprehension half first, and with the LLM: the frozen toy LLM never learnt
                 # to look (its pretraining saw <image> as one uninformative token), and where II
-                # and III train it, the anchor's gradient drowns the LM loss's (README: reading).
+                # and III train it, the anchor's gradient drowns the LM loss's (docs/log.md, 2026-11-29: reading).
                 # Reading first, then the drawing aligned to the LLM that reads: VQA 0.32 -> 0.68
-                # after III, drawing 0.73 -> 0.72 (one run of each curriculum; README: reading)
+                # after III, drawing 0.73 -> 0.72 (one run of each curriculum; docs/log.md, 2026-11-29: reading)
                 # and half its examples questions (official: 18%): the benchmark's reading is VQA
                 "I-comprehension": dict(groups=["visual_projector", "llm"], lr=3e-4, mix=["i2t", "vqa"]),
                 # The toy's II and III cycle its kinds in equal shares, not the official sizes'
@@ -77,13 +77,13 @@ RECIPES = {
                 # along the directions whitening magnified: the drawing unravels (held-out both
                 # 0.88 -> 0.05 after 300 steps at lr 1e-4). The anchor, an MSE of each pair's
                 # condition to the one the stage began with, holds it (the curriculum: 0.78 after
-                # I, 0.69 after II, 0.73 after III; README) while the LLM learns; lr 1e-4 (official
+                # I, 0.69 after II, 0.73 after III; docs/log.md, 2026-11-29: the anchor) while the LLM learns; lr 1e-4 (official
                 # 2e-5 and 4e-5): the toy has 600 and 400 steps, not an epoch of MMC4 and LLaVA
                 # Openings too: pairs written as a document opens ("Here is a red circle. <image>"),
                 # which the anchor holds to their bare caption's condition (data.unframe): stage I
                 # aligned only bare captions, and after "Here is ..." the queries' states are not
                 # theirs. Documents' pictures after III 0.17 / 0.04 / 0.21 / 0.29 -> 0.58 / 0.71 /
-                # 0.88 / 0.75 (seeds 0-3, one thread; README: documents); drawing, VQA as they were
+                # 0.88 / 0.75 (seeds 0-3, one thread; docs/log.md, 2026-11-29: documents); drawing, VQA as they were
                 "II": dict(lr=1e-4, anchor_weight=10.0, mix=["document", "t2i", "i2t", "opening"]),
                 # SFT on the shapes world's instructions too: "Draw a red circle.", "Write about
                 # two shapes, with pictures." (data.instruction_example), beside its questions

@@ -60,13 +60,13 @@ CREATION_EVAL = "--questions 1 --captions 1 --documents 1"
 # "base": runs made first, per seed, that a variant starts from by naming it, e.g. --init {start}
 # (each base sees the bases before it); "rows": the benchmark's rows its table shows; "eval": its
 # benchmark.py flags. Each is sized for 3 seeds in about 45 min on 2 cores (the toy trains stage
-# I-creation at ~9 steps/s on 2 threads, README; on one thread, two runs at once, ~5).
+# I-creation at ~13 steps/s on 2 threads, README; on one thread, two runs at once, ~5).
 STUDIES = {
     # The paper trains the dream queries and projector by the plain epsilon MSE of SD, with no
     # condition dropout (DreamLLM's official configs). These are the loss's variants as dreamllm.py
     # has them, each one flag: the target's space (v: Salimans & Ho 2022), min-SNR-gamma weighting
     # (Hang et al. 2023: faster convergence at gamma 5), and dropping the toy recipe's 10%
-    # condition dropout (what guidance needs; README's recipe table: 0.47 / 0.88 without).
+    # condition dropout (what guidance needs; docs/recipe.md: 0.47 / 0.88 without).
     "variants": dict(
         question="Which diffusion loss trains stage I-creation best?",
         common="--preset toy --stage I-creation --steps 600",
@@ -99,6 +99,20 @@ STUDIES = {
               ("joint", "--stage II --steps 300 --mix t2i,i2t,vqa --init {start}"),
               ("joint-matched", "--stage II --steps 600 --mix t2i,i2t,t2i,vqa --init {start}")],
         rows=BOTH, eval="--split eval"),  # a finding reported, not a choice made: HELD_OUT's
+    # Stage II, where the main job's runs part (docs/log.md, 2026-12-04: one seed's held-out shape
+    # 0.81 -> 0.59 there, its colour kept): from each seed's own stage I, as the main job trains
+    # it, stage II as the recipe has it, with the anchor (which holds the pairs' conditions where
+    # stage I left them) three times as strong, and at half the lr. Judged on VALIDATION: a
+    # choice of recipe.
+    "stage-ii": dict(
+        question="What in stage II moves the drawing, and what holds it?",
+        common="--preset toy",
+        base=[("I-comprehension", "--stage I-comprehension --steps 600"),
+              ("I-creation", "--stage I-creation --steps 2000 --init {I-comprehension}")],
+        runs=[("recipe", "--stage II --steps 600 --init {I-creation}"),
+              ("anchor-30", "--stage II --steps 600 --anchor-weight 30 --init {I-creation}"),
+              ("lr-5e-5", "--stage II --steps 600 --lr 5e-5 --init {I-creation}")],
+        rows=BOTH, eval=""),
     # Score distillation against alignment (sec. 2.1): DreamLLM learns its condition through the
     # frozen UNet's score; GILL, Emu and NExT-GPT regress it onto the text encoder's states of the
     # caption (alignment.py). Both through GILL's mapper, so the UNet reads the same (L, C) under
