@@ -241,8 +241,7 @@ class DreamLLM(nn.Module):
                                           (r, reply_slots, learn in ("text", "reply"))):
                 parts += [(len(joined), slots, labelled)] if part else []
                 joined += part
-        # checked as the tokenizer reads it: no slot token forged across two parts
-        check_text(joined.replace("</s>", " ") if joined.count("</s>") == len(texts) - 1 else joined)
+        check_text(" ".join(t + r for t, r in zip(texts, replies)))  # none forged across two parts
         if (found := joined.count("<image>")) != n_images:
             raise ValueError(f"the text has {found} <image> placeholders but {n_images} images were "
                              "given")

@@ -362,8 +362,8 @@ class Llama(nn.Module):
             seqs, scores = [seqs[r] + [t] for r, t in zip(rows, tokens)], logp.new_tensor(kept)
             # done (early_stopping=False) when `beams` have ended and the worst of them beats what
             # the step's best candidate would score at the current whole length
-            worst = min(score for score, _ in ended) if ended else None
-            done = len(ended) == beams and worst >= top[0].item() / (P + step + 1) ** length_penalty
+            done = len(ended) == beams and \
+                min(s for s, _ in ended) >= top[0].item() / (P + step + 1) ** length_penalty
             if done or step + 1 == max_new_tokens:
                 break
             cache.reorder(torch.tensor(rows, device=logp.device))

@@ -324,11 +324,13 @@ def clip_scorer(model, folder=None):
         size = clip_model.config.vision.image_size
         encode = official.clip_tokenizer(folder)
 
+    clip_model = clip_model.to(model.device)
+    dtype = next(clip_model.parameters()).dtype
+
     @torch.no_grad()
     def score(images, text):
-        pixels = torch.stack([clip.preprocess(im, size) for im in images]).to(model.device)
-        ids = encode([text]).to(model.device)
-        return clip_model.to(model.device)(pixels.to(next(clip_model.parameters()).dtype), ids)[:, 0].float().cpu()
+        pixels = torch.stack([clip.preprocess(im, size) for im in images]).to(model.device, dtype)
+        return clip_model(pixels, encode([text]).to(model.device))[:, 0].float().cpu()
     return score
 
 
