@@ -73,7 +73,7 @@ RECIPES = dict(
     llm=dict(steps=300, batch=64, lr=2e-3, warmup=30),
     clip=dict(steps=4000, batch=128, lr=1e-3, warmup=40),
     vae=dict(steps=500, batch=16, lr=1e-3, warmup=25, kl_weight=1e-5),
-    unet=dict(steps=4000, batch=64, lr=5e-4, warmup=100, cond_dropout=0.1, ema=0.995),
+    unet=dict(steps=7000, batch=64, lr=5e-4, warmup=100, cond_dropout=0.1, ema=0.995),
 )
 POOL = dict(size=16000, two=0.5)  # the scenes CLIP, VAE and UNet train on; `two` hold two shapes
 # guidance 2 measured best for this UNet (colour 93% vs 80% at 4: strong guidance hollows out the blue
@@ -244,17 +244,20 @@ def count(model):
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
 
 
-def clip_measures(model, tok, device, layer=READ_LAYER, batch=256):
-    # the three functions card.clip_rows reads: images -> embeddings, texts -> embeddings,
-    # images -> the read layer's patch features (n, N, width), CLS left out
+def clip_measures(model, tok, device, batch=256):
+    # the four functions card.clip_rows reads: images -> embeddings, texts -> embeddings,
+    # images -> patch features (n, N, width), CLS left out, of the read layer and of layer 0 (the
+    # patch embeddings, the probe's bound)
     @torch.no_grad()
     def run(fn, xs):
         with autocast(device):
             return torch.cat([fn(x.to(device)).float().cpu() for x in xs.split(batch)])
 
+    def patches(layer):
+        return lambda images: run(lambda p: model.image_features(p, layer)[:, 1:], to_clip(to_uint8(images)))
+
     return (lambda images: run(model.encode_image, to_clip(to_uint8(images))),
-            lambda texts: run(model.encode_text, encode_text(tok, texts)),
-            lambda images: run(lambda p: model.image_features(p, layer)[:, 1:], to_clip(to_uint8(images))))
+            lambda texts: run(model.encode_text, encode_text(tok, texts)), patches(READ_LAYER), patches(0))
 
 
 def train_clip(args, out, device, pool):
