@@ -156,7 +156,7 @@ def test_card_flag_measures_the_committed_backbones_and_writes_card_json(small, 
     assert report["other"] == 1 and report["clip"]["seed"] == report["sd"]["seed"] == card.SEED
     names = [r["name"] for r in report["clip"]["rows"] + report["sd"]["rows"]]
     assert len(names) == 15 and "clip: true caption over its colour-swapped twin" in names
-    assert "clip: the probe's bound, of the patch embeddings, shape" in names
+    assert "clip: the same probe of the patch embeddings, shape" in names
     for r in report["clip"]["rows"] + report["sd"]["rows"]:
         assert 0 <= r["low"] <= r["value"] <= r["high"] + 1e-9 <= 1 + 1e-9 and r["n"] > 0
     assert (out / "samples.png").stat().st_size > 0

@@ -13,10 +13,10 @@ used, with its N and 95% Wilson interval (benchmark.row):
   clip: probe      a linear probe (probe.py) of the layer a DreamLLM reads, fitted on single
                    shapes of training's colour-shape pairs, tested on data.HELD_OUT's: what a
                    reader trained on the split can read of pairs it never saw
-  clip: its bound  the same probe of the patch embeddings (layer 0: each patch's pixels,
-                   linearly embedded and layer-normed, before any block): what this reader makes
-                   of the pixels themselves, so a read-layer row below target says whose the
-                   shortfall is, the tower's or the probe's
+  clip: layer 0    the same probe of the patch embeddings (each patch's pixels, linearly
+                   embedded and layer-normed, before any block): what this reader makes of the
+                   pixels themselves, beside what it makes of the read layer (not a bound: the
+                   tower can carry colour to held-out pairs better than the pixels do)
   sd               the toy SD drawn from its own text encoder's states E(prompt), DDIM 30 steps,
                    guidance 2, judged by judge.analyse_scene: held-out single shapes, both colour
                    and shape right; two shapes of held-out pairs, each colour bound to its shape and
@@ -98,7 +98,7 @@ def clip_rows(image_embeddings, text_embeddings, patch_features, pixel_features)
              for what, r in zero_shot(image_embeddings, text_embeddings).items()]
     rows += [benchmark.row(f"clip: read layer's probe on held-out pairs, {what}", r)
              for what, r in probe_held_out(patch_features).items()]
-    rows += [benchmark.row(f"clip: the probe's bound, of the patch embeddings, {what}", r)
+    rows += [benchmark.row(f"clip: the same probe of the patch embeddings, {what}", r)
              for what, r in probe_held_out(pixel_features).items()]
     return rows
 

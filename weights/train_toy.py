@@ -1,6 +1,6 @@
 """Trains the toy backbones of the shapes world, the small stand-ins for DreamLLM's pretrained parts.
 
-    python -m weights.train_toy                      # all five parts into weights/toy/ (~86 min est., 2-core CPU)
+    python -m weights.train_toy                      # all five parts into weights/toy/ (80.5 min, 2-core CPU)
     python -m weights.train_toy --only clip unet     # some parts; the others are read from --out
     python -m weights.train_toy --card               # train nothing: the report card of --out
 
@@ -247,7 +247,7 @@ def count(model):
 def clip_measures(model, tok, device, batch=256):
     # the four functions card.clip_rows reads: images -> embeddings, texts -> embeddings,
     # images -> patch features (n, N, width), CLS left out, of the read layer and of layer 0 (the
-    # patch embeddings, the probe's bound)
+    # patch embeddings)
     @torch.no_grad()
     def run(fn, xs):
         with autocast(device):
