@@ -1,6 +1,7 @@
 """weights/card.py, the toy backbones' report card: each measure on models built to pass it and on
 models built to fail it (a bag of words, a reader blind to places, features that tie colour to
-shape, a drawer that swaps colours), and train_toy's hard negatives (twin) that teach the pass."""
+shape, a drawer that swaps colours, a language model that reads only the last words), and
+train_toy's hard negatives (twin) that teach the pass."""
 import random
 
 import pytest
@@ -17,7 +18,7 @@ BOUND = [(c, s, p) for c in COLOURS for s in SHAPES for p in PLACES]  # 90 conju
 
 @pytest.fixture
 def small(monkeypatch):
-    monkeypatch.setattr(card, "SIZES", dict(swaps=60, zero_shot=60, probe_fit=300, probe_test=100,
+    monkeypatch.setattr(card, "SIZES", dict(back=60, swaps=60, zero_shot=60, probe_fit=300, probe_test=100,
                                             singles=3, twos=6, per_two=2))
 
 
@@ -124,6 +125,22 @@ def test_sd_rows_pass_a_faithful_drawer_and_fail_one_that_swaps_colours(small):
     assert [r["value"] for r in rows] == [1.0, 0.0, 1.0]
 
 
+def test_llm_rows_pass_a_reader_that_looks_back_and_leave_one_that_reads_the_last_words_at_chance(small):
+    def looks_back(text, words):  # the colour the caption gave the named shape; the pictures counted
+        if text.endswith("That makes"):
+            return data.NUMBERS[text.count(data.IMAGE_TOKEN)]
+        shape = text.split()[-2]  # "... <image> The circle is"
+        told = judge.parse_caption(text.split(data.IMAGE_TOKEN)[0])
+        return next(c["color"] for c in told if c["shape"] == shape)
+    rows = card.llm_rows(looks_back)
+    assert [r["value"] for r in rows] == [1.0, 1.0, 1.0] and rows[0]["n"] == 60 and 0 < rows[1]["n"] < 60
+
+    def last_words(text, words):  # an n-gram model: its choice is fixed by the last two words
+        return words[sum(map(len, text.split()[-2:])) % len(words)]
+    rows = card.llm_rows(last_words)
+    assert rows[0]["value"] < 0.4 and rows[1]["value"] < 0.4 and rows[2]["value"] == 0.5
+
+
 def test_swapped_exchanges_one_attribute_and_twice_is_the_scene():
     scene = data.Scene((data.Shape("red", "circle", "small", "on the left"),
                         data.Shape("blue", "circle", "large", "on the right")))
@@ -153,11 +170,12 @@ def test_card_flag_measures_the_committed_backbones_and_writes_card_json(small, 
     (out / "card.json").write_text(json.dumps({"other": 1}))
     train_toy.main(["--card", "--out", str(out), "--threads", "1"])
     report = json.loads((out / "card.json").read_text())
-    assert report["other"] == 1 and report["clip"]["seed"] == report["sd"]["seed"] == card.SEED
-    names = [r["name"] for r in report["clip"]["rows"] + report["sd"]["rows"]]
-    assert len(names) == 15 and "clip: true caption over its colour-swapped twin" in names
-    assert "clip: the same probe of the patch embeddings, shape" in names
-    for r in report["clip"]["rows"] + report["sd"]["rows"]:
+    assert report["other"] == 1 and report["llm"]["seed"] == report["clip"]["seed"] == report["sd"]["seed"] == card.SEED
+    rows = report["llm"]["rows"] + report["clip"]["rows"] + report["sd"]["rows"]
+    names = [r["name"] for r in rows]
+    assert len(names) == 18 and "clip: true caption over its colour-swapped twin" in names
+    assert "clip: the same probe of the patch embeddings, shape" in names and "llm: pictures counted" in names
+    for r in rows:
         assert 0 <= r["low"] <= r["value"] <= r["high"] + 1e-9 <= 1 + 1e-9 and r["n"] > 0
     assert (out / "samples.png").stat().st_size > 0
     assert "sd: two shapes bound and placed" in capsys.readouterr().out

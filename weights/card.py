@@ -1,11 +1,12 @@
-"""The toy backbones' report card: can they bind two shapes' colours, shapes and places, before a
-DreamLLM is judged on top of them?
+"""The toy backbones' report card: can they bind two shapes' colours, shapes and places, and does
+the LLM look back at what it was told, before a DreamLLM is judged on top of them?
 
     python -m weights.train_toy --card          # the card of weights/toy/, training nothing
 
 weights/train_toy.py prints a part's rows as soon as it has trained it and writes them all to
-weights/toy/card.json; it also turns its models into the plain functions the measures read. Every row is a proportion of fresh items drawn from SEED, a seed no training
-used, with its N and 95% Wilson interval (benchmark.row):
+weights/toy/card.json; it also turns its models into the plain functions the measures read.
+Every row is a proportion of fresh items drawn from SEED, a seed no training used, with its N
+and 95% Wilson interval (benchmark.row):
   clip: swaps      two-shape scenes: the true caption scores above its twin with the two shapes'
                    colours (places, shapes) exchanged (data.swapped); a tie counts a half, so a
                    text tower that ignores word order scores 0.50, a bag of words (Winoground, ARO)
@@ -17,6 +18,9 @@ used, with its N and 95% Wilson interval (benchmark.row):
                    embedded and layer-normed, before any block): what this reader makes of the
                    pixels themselves, beside what it makes of the read layer (not a bound: the
                    tower can carry colour to held-out pairs better than the pixels do)
+  llm              "Here is a red circle. <image> The circle is" -> "red" (of the six colours), after
+                   one- and two-shape captions; "... <image> That makes" -> the pictures' count:
+                   does it look back at what it was told, or only at the last few words?
   sd               the toy SD drawn from its own text encoder's states E(prompt), DDIM 30 steps,
                    guidance 2, judged by judge.analyse_scene: held-out single shapes, both colour
                    and shape right; two shapes of held-out pairs, each colour bound to its shape and
@@ -33,7 +37,7 @@ from shapes import benchmark, data, judge
 from tools import probe
 
 SEED = 777  # the card's scenes; train_toy's parts draw theirs from --seed (0) and its neighbours
-SIZES = dict(swaps=400, zero_shot=450, probe_fit=2000, probe_test=500, singles=24, twos=32, per_two=4)
+SIZES = dict(back=300, swaps=400, zero_shot=450, probe_fit=2000, probe_test=500, singles=24, twos=32, per_two=4)
 # the probe's fit, chosen on data.VALIDATION's pairs (fitted on training's, never on HELD_OUT's):
 # 1000 full-batch Adam steps read them best (colour / shape 1.00 / 0.92, against 1.00 / 0.66 at
 # probe.fit's 200; docs/log.md, 2026-12-04, third session)
@@ -101,6 +105,33 @@ def clip_rows(image_embeddings, text_embeddings, patch_features, pixel_features)
     rows += [benchmark.row(f"clip: the same probe of the patch embeddings, {what}", r)
              for what, r in probe_held_out(pixel_features).items()]
     return rows
+
+
+# ------------------------------------------------------------------------------------ LLM
+
+def llm_rows(next_word):
+    # next_word(text, words) -> the word of `words` the LLM ranks first to follow `text`. Does it say
+    # back what it was told a picture holds? A model blind to its context scores about chance (1/6
+    # for a colour, 1/2 for the count), whatever its n-gram priors.
+    colours, rows = list(data.COLORS), []
+    for n_shapes in (1, 2):
+        said = []
+        for i, scene in enumerate(scenes("back", SIZES["back"], n_shapes=n_shapes)):
+            if len({s.shape for s in scene.shapes}) < n_shapes:
+                continue  # "The circle is" must name one shape
+            s = scene.shapes[i % n_shapes]
+            text = f"Here is {data.caption(scene, form='no size')}. {data.IMAGE_TOKEN} The {s.shape} is"
+            said.append(next_word(text, colours) == s.color)
+        rows.append(benchmark.row(f"llm: colour said back, {data.NUMBERS[n_shapes]} shape"
+                                  f"{'s' if n_shapes > 1 else ''}", said))
+    counted = []
+    for i in range(SIZES["back"]):  # "Here is a red circle. <image> Next comes ... <image> That makes" -> two
+        rng = random.Random(f"card/{SEED}/count/{i}")
+        k = 2 + i % 2
+        parts = [rng.choice(data.NEXT if j else data.FIRST).format(data.caption(data.random_scene(rng, "all", 1), rng))
+                 + f" {data.IMAGE_TOKEN}" for j in range(k)]
+        counted.append(next_word(" ".join(parts) + " That makes", ["two", "three"]) == data.NUMBERS[k])
+    return rows + [benchmark.row("llm: pictures counted", counted)]
 
 
 # ------------------------------------------------------------------------------------ SD

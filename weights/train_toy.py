@@ -14,8 +14,9 @@ tokens. The backbones see the whole world (split="all"), as SD has seen everythi
 DreamLLM trained on top of them holds out data.HELD_OUT. Every part is saved in the official layout
 (HF / diffusers folders, tokenizer.json) that llama.load, clip.load, unet.load_* already read.
 Each part is a pure function of --seed; a part that needs another (the UNet needs the CLIP and the
-VAE) reads it from --out. After the CLIP and the UNet, the report card (weights/card.py): what each
-binds and draws, on fresh scenes of a seed no part trains on, into --out/card.json.
+VAE) reads it from --out. After the LLM, the CLIP and the UNet, the report card (weights/card.py):
+what each says back, binds and draws, on fresh scenes of a seed no part trains on, into
+--out/card.json.
 """
 import argparse
 import json
@@ -411,14 +412,27 @@ def sampler(model, vae, context, device, batch=48):
     return draw
 
 
+def next_word(model, tok, device):
+    # -> next_word(text, words): the word whose first token the LLM ranks highest after <s> text
+    @torch.no_grad()
+    def pick(text, words):
+        ids = torch.tensor([[tok.token_to_id(SPECIALS[0])] + tok.encode(text, add_special_tokens=False).ids],
+                           device=device)
+        first = [tok.encode(" " + w, add_special_tokens=False).ids[0] for w in words]
+        return words[int(model(ids)[0, -1, first].argmax())]
+    return pick
+
+
 def measure(part, out, device):
-    # -> the card's rows of a trained part ("clip" or "unet"), read back from `out` as a user loads
-    # them; the UNet's also writes the grid of what it drew, samples.png
-    needs = ["tokenizer.json", "clip"] + (["unet", "vae"] if part == "unet" else [])
-    if missing := [n for n in needs if not (out / n).exists()]:
+    # -> the card's rows of a trained part ("llm", "clip" or "unet"), read back from `out` as a user
+    # loads them; the UNet's also writes the grid of what it drew, samples.png
+    needs = {"llm": ["llm"], "clip": ["clip"], "unet": ["clip", "unet", "vae"]}[part]
+    if missing := [n for n in ["tokenizer.json", *needs] if not (out / n).exists()]:
         raise cli.Stop(f"{out} has no {missing[0]}: the card measures trained backbones (make them "
                        "with `python -m weights.train_toy`, or give --out the folder that holds them)")
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    if part == "llm":
+        return card.llm_rows(next_word(llama.load(out / "llm", device=device).eval(), tok, device))
     text_encoder = clip.load(out / "clip", device=device).eval()
     if part == "clip":
         return card.clip_rows(*clip_measures(text_encoder, tok, device))
@@ -454,7 +468,7 @@ def main(argv=None):
                          "OpenMP threads slow small models down many times)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count and the pool size (e.g. 0.02: a smoke test)")
     ap.add_argument("--card", action="store_true", help="train nothing: measure the report card of --out's "
-                    "CLIP and SD (weights/card.py) and write it to --out/card.json")
+                    "LLM, CLIP and SD (weights/card.py) and write it to --out/card.json")
     args = ap.parse_args(argv)
     if args.scale <= 0:
         ap.error("--scale must be above 0")
@@ -489,7 +503,7 @@ def train_all(args, device):
     print(f"done in {(time.time() - start) / 60:.1f} min; {args.out} holds {size / 2**20:.1f} MB")
 
 
-CARD = {"clip": "clip", "unet": "sd"}  # the parts the card measures, and their section
+CARD = {"llm": "llm", "clip": "clip", "unet": "sd"}  # the parts the card measures, and their section
 
 
 def write_card(out, part, device, timings):
