@@ -107,7 +107,7 @@ STUDIES = {
     "stage-ii": dict(
         question="What in stage II moves the drawing, and what holds it?",
         common="--preset toy",
-        base=[("I-comprehension", "--stage I-comprehension --steps 600"),
+        base=[("I-comprehension", "--stage I-comprehension --steps 1500"),
               ("I-creation", "--stage I-creation --steps 2000 --init {I-comprehension}")],
         runs=[("recipe", "--stage II --steps 600 --init {I-creation}"),
               ("anchor-30", "--stage II --steps 600 --anchor-weight 30 --init {I-creation}"),
