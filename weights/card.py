@@ -122,8 +122,7 @@ def llm_rows(next_word):
             s = scene.shapes[i % n_shapes]
             text = f"Here is {data.caption(scene, form='no size')}. {data.IMAGE_TOKEN} The {s.shape} is"
             said.append(next_word(text, colours) == s.color)
-        rows.append(benchmark.row(f"llm: colour said back, {data.NUMBERS[n_shapes]} shape"
-                                  f"{'s' if n_shapes > 1 else ''}", said))
+        rows.append(benchmark.row(f"llm: colour said back, {('one shape', 'two shapes')[n_shapes - 1]}", said))
     counted = []
     for i in range(SIZES["back"]):  # "Here is a red circle. <image> Next comes ... <image> That makes" -> two
         rng = random.Random(f"card/{SEED}/count/{i}")
