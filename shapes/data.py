@@ -164,8 +164,14 @@ BACK = ("It is a {color} {shape}.", "The {color} {shape} is {size}.", "The {shap
         "That {shape} is {position}.")
 
 
-def _question(scene, rng):
-    """One question about the scene and its answer, always answerable without ambiguity."""
+def _question(scene, rng, training=False):
+    """One question about the scene and its answer, always answerable without ambiguity.
+    training: the shape is named as train.py's questions name it, never by its colour and shape
+    together: by its place when its colour or shape is asked ("What shape is the thing on the
+    left?"), by its colour or its shape alone where that picks it out when its place or size is
+    ("Where is the yellow thing?"). Asked by the pair ("What shape is the yellow thing?", "Where is
+    the yellow square?"), as the benchmark asks of held-out pictures, a reader trained on those
+    words can answer from the pairs training showed, wrong on every held-out one."""
     s = rng.choice(scene.shapes)
     two = len(scene.shapes) == 2
     # Name the shape so that it is unique: a second shape of the same kind (or colour) means the
@@ -173,17 +179,23 @@ def _question(scene, rng):
     same_kind = two and scene.shapes[0].shape == scene.shapes[1].shape
     same_color = two and scene.shapes[0].color == scene.shapes[1].color
     kind = rng.choice(("colour", "shape", "count", "where", "size"))
+    named = f"{s.color} {s.shape}"  # how a where or size question names it
+    if training:
+        alone = [f"{s.color} thing"] * (not same_color) + [s.shape] * (not same_kind)
+        named = rng.choice(alone) if alone and kind in ("where", "size") else named
     if kind == "colour":
         the = f"the {s.shape} {s.position}" if same_kind else f"the {s.shape}"
+        the = f"the thing {s.position}" if training else the
         return rng.choice(("What colour is {}?", "Which colour does {} have?")).format(the), s.color
     if kind == "shape":
         the = f"the {s.color} thing {s.position}" if same_color else f"the {s.color} thing"
+        the = f"the thing {s.position}" if training else the
         return rng.choice(("What shape is {}?", "What kind of shape is {}?")).format(the), s.shape
     if kind == "count":
         return "How many shapes are there?", NUMBERS[len(scene.shapes)]
     if kind == "where":
-        return f"Where is the {s.color} {s.shape}?", s.position
-    return f"Is the {s.color} {s.shape} small or large?", s.size
+        return f"Where is the {named}?", s.position
+    return f"Is the {named} small or large?", s.size
 
 
 # --------------------------------------------------------------------------------------- streams
@@ -223,11 +235,12 @@ def document_example(seed, i, split="train", back=True):
     return " ".join(parts), scenes
 
 
-def question_example(seed, i, split="train"):
-    """(Scene, question, answer) number i of the question stream."""
+def question_example(seed, i, split="train", training=False):
+    """(Scene, question, answer) number i of the question stream; training: the same scene and kind
+    of question, the shape named as train.py's questions name it (_question)."""
     rng = _rng(seed, split, "question", i)
     scene = random_scene(rng, split)
-    return (scene, *_question(scene, rng))
+    return (scene, *_question(scene, rng, training))
 
 
 DRAW = ("Draw {}.", "Show me {}.", "Make a picture of {}.")
@@ -281,8 +294,8 @@ def example(kind, seed, i, split="train"):
     if kind == "document":
         text, scenes = document_example(seed, i, split)
         return text, [draw(s) for s in scenes], "document", ""
-    if kind == "vqa":
-        scene, question, answer = question_example(seed, i, split)
+    if kind == "vqa":  # named as training names them (_question; docs/log.md, 2026-12-05, fourth session)
+        scene, question, answer = question_example(seed, i, split, training=True)
         return f"{IMAGE_TOKEN} {question}", [draw(scene)], "chat", f" {answer}"
     if kind not in KINDS:
         raise ValueError(f"unknown kind of example {kind!r} (have {', '.join(KINDS)})")

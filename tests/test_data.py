@@ -1,4 +1,5 @@
 """shapes/data.py: the shapes world's determinism, splits, text/scene agreement, the analyser, manifests."""
+import collections
 import itertools
 import json
 import re
@@ -238,6 +239,32 @@ def test_questions_are_answered_right():
         assert expected == ans, (scene, question)
         kinds.add(kind)
     assert kinds == {"colour", "shape", "count", "where", "size"}
+
+
+def test_training_questions_never_name_a_shape_by_its_pair():
+    # train.py's questions (example "vqa") are the question stream's, same scene, kind and answer,
+    # but name the shape asked about without its colour-shape pair: a colour or shape question by
+    # its place, a where or size question by its colour or its shape; the benchmark's forms ("What
+    # shape is the yellow thing?", "Where is the yellow square?") are question_example's default
+    pairs = [f" {c} {k} " for c in data.COLORS for k in data.SHAPES]
+    kinds = collections.Counter()
+    for i in range(N):
+        scene, asked, ans = data.question_example(0, i)
+        text, images, layout, reply = data.example("vqa", 0, i)
+        question = text.removeprefix(f"{data.IMAGE_TOKEN} ")
+        assert (layout, reply, images[0].tobytes()) == ("chat", f" {ans}", data.draw(scene).tobytes())
+        kind, expected = answer(scene, question)
+        assert expected == ans, (scene, question)
+        kinds[kind] += question != asked
+        words, asked_words = f" {question.rstrip('?')} ", f" {asked.rstrip('?')} "
+        if kind in ("colour", "shape"):
+            assert not any(f" {w} " in words for w in (*data.COLORS, *data.SHAPES)), question
+            assert any(f" {w} " in asked_words for w in (*data.COLORS, *data.SHAPES)), asked
+        elif kind in ("where", "size"):
+            assert not any(p in words for p in pairs) and any(p in asked_words for p in pairs), question
+        else:
+            assert question == asked
+    assert all(kinds[k] > N / 10 for k in ("colour", "shape", "where", "size")), kinds
 
 
 def test_text_corpus():
