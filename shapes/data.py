@@ -180,9 +180,8 @@ def _question(scene, rng, training=False):
     same_color = two and scene.shapes[0].color == scene.shapes[1].color
     kind = rng.choice(("colour", "shape", "count", "where", "size"))
     named = f"{s.color} {s.shape}"  # how a where or size question names it
-    if training:
-        alone = [f"{s.color} thing"] * (not same_color) + [s.shape] * (not same_kind)
-        named = rng.choice(alone) if alone and kind in ("where", "size") else named
+    if training and kind in ("where", "size"):  # (a scene never shows a pair twice: one is unique)
+        named = rng.choice([f"{s.color} thing"] * (not same_color) + [s.shape] * (not same_kind))
     if kind == "colour":
         the = f"the {s.shape} {s.position}" if same_kind else f"the {s.shape}"
         the = f"the thing {s.position}" if training else the
