@@ -543,9 +543,10 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and ok(v)):
             p.error(f"--{name.replace('_', '-')} {v}: must be {what}")
-    if args.objective not in (None, "score") and args.bridge != "mapper":
-        p.error(f"--objective {args.objective} compares the condition with the text encoder's "
-                "states, L of them: give --bridge mapper too")
+    dream = dreamllm.DreamConfig(**dream_variants(args))  # the flags over the preset's recipe
+    if dream.objective != "score" and dream.bridge != "mapper":
+        p.error(f"objective {dream.objective} compares the condition with the text encoder's "
+                "states, L of them: give --bridge mapper (or --objective score)")
     if args.stage != "all" and args.steps is None:
         args.steps = dict(CURRICULA.get(args.preset, [])).get(args.stage, 3000)
     return args

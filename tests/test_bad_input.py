@@ -51,6 +51,18 @@ def test_train_flags_out_of_range(flags, says, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_an_objective_that_aligns_needs_the_mapper_from_the_flags_or_the_recipe(tmp_path, capsys):
+    # the toy's recipe aligns through the mapper: its flags may change either half, not break the pair
+    toy = ["--preset", "toy", "--stage", "I-creation", "--out", str(tmp_path / "run")]
+    assert "give --bridge mapper" in one_line(train.main, toy + ["--bridge", "projector"], capsys, code=2)
+    assert "give --bridge mapper" in one_line(train.main, FAST + ["--objective", "both"], capsys, code=2)
+    assert not (tmp_path / "run").exists()
+    for flags, run in ((["--objective", "align"], ("align", "mapper")),
+                       (["--objective", "score", "--bridge", "projector"], ("score", "projector"))):
+        dream = dreamllm.DreamConfig(**train.dream_variants(train.parse_args(toy + flags)))
+        assert (dream.objective, dream.bridge) == run
+
+
 @pytest.mark.parametrize("flags,says", [
     (["--guidance", "nan"], "--guidance"), (["--guidance", "-1"], "--guidance"),
     (["--temperature", "inf"], "--temperature"), (["--max-new-tokens", "0"], "--max-new-tokens"),

@@ -116,8 +116,8 @@ STUDIES = {
     # Score distillation against alignment (sec. 2.1): DreamLLM learns its condition through the
     # frozen UNet's score; GILL, Emu and NExT-GPT regress it onto the text encoder's states of the
     # caption (alignment.py). Both through GILL's mapper, so the UNet reads the same (L, C) under
-    # each objective; the recipe's own bridge (the K projected states) beside them. Stage
-    # I-creation, the LLM frozen, the same pairs.
+    # each objective; DreamLLM's own bridge (the K projected states) beside them. Stage
+    # I-creation, the LLM frozen, the same pairs. (The toy's recipe is "both": recipes.py.)
     "objective": dict(
         question="Does score distillation draw better than alignment to the text encoder?",
         common="--preset toy --stage I-creation --steps 600",
