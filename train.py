@@ -13,7 +13,7 @@ The loss (step_loss): w_lm * CE(next token) + w_diffusion * |unet(z_t, t, c) - t
 toy's anchor w_anchor * |c - c_0|^2 where the stage has one (dreamllm.py returns the terms, the
 stage weighs them), c the projected hidden states of the dream queries. CLIP, the VAE and the UNet
 never train. (--objective align or both: the peers' alignment in place of the diffusion term or
-beside it, plumbing/alignment.py.)
+beside it, plumbing/alignment.py; the toy's recipe has both.)
 
 A run's folder (--out) holds its newest checkpoint, step-<N>/ (plumbing/checkpoint.py: written
 whole, then renamed, so a crash or a full disk at any moment leaves the last whole one). Example e
@@ -515,14 +515,15 @@ def parse_args(argv=None):
                       "over labelled tokens (official) or of each example's mean")
     loss.add_argument("--objective", choices=dreamllm.OBJECTIVES, help="the creation loss: score "
                       "distillation through the UNet (DreamLLM's), align: regression onto the text "
-                      "encoder's states of the caption (GILL's; needs --bridge mapper), or both")
+                      "encoder's states of the caption (GILL's; needs --bridge mapper), or both (default: the "
+                      "preset's recipe: score, both for toy)")
     loss.add_argument("--align-weight", type=float, help="the alignment's weight beside the "
                       "diffusion loss's (--objective both; default 1)")
     loss.add_argument("--align-distance", choices=alignment.DISTANCES, help="the alignment's "
                       "distance (default mse)")
     loss.add_argument("--bridge", choices=dreamllm.BRIDGES, help="what the UNet reads: the K "
                       "projected states, or GILL's mapper of them to the text encoder's L "
-                      "(structural; default projector)")
+                      "(structural; default: the preset's recipe: projector, mapper for toy)")
     loss.add_argument("--n-queries", type=int, help="K, the dream queries per image (structural: "
                       "the DreamConfig's n_queries; default: the preset's, 8 for toy)")
     args = p.parse_args(argv)
