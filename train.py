@@ -515,8 +515,8 @@ def parse_args(argv=None):
                       "over labelled tokens (official) or of each example's mean")
     loss.add_argument("--objective", choices=dreamllm.OBJECTIVES, help="the creation loss: score "
                       "distillation through the UNet (DreamLLM's), align: regression onto the text "
-                      "encoder's states of the caption (GILL's; needs --bridge mapper), or both (default: the "
-                      "preset's recipe: score, both for toy)")
+                      "encoder's states of the caption (GILL's; needs --bridge mapper), or both "
+                      "(default: the preset's recipe: score, both for toy)")
     loss.add_argument("--align-weight", type=float, help="the alignment's weight beside the "
                       "diffusion loss's (--objective both; default 1)")
     loss.add_argument("--align-distance", choices=alignment.DISTANCES, help="the alignment's "
