@@ -186,3 +186,16 @@ def test_card_of_a_folder_without_backbones_is_a_one_line_error(tmp_path, capsys
         train_toy.main(["--card", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1 and "weights/train_toy.py" in err
+
+
+def test_train_toy_trains_a_tokenizer_and_an_llm_that_loads_and_learns(tmp_path, capsys):
+    import json
+    import math
+    out = tmp_path / "toy"
+    train_toy.main(["--only", "tokenizer", "llm", "--scale", "0.02", "--out", str(out), "--threads", "1"])
+    model = train_toy.llama.load(out / "llm")  # a few steps, loaded as a user loads it
+    assert model.cfg.vocab_size == len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    said = capsys.readouterr().out
+    loss = float(said.split("held-out loss ")[1].split()[0])
+    assert loss < math.log(model.cfg.vocab_size) - 1, said  # a nat below chance, log(vocab): it learns
+    assert [r["name"] for r in json.loads((out / "card.json").read_text())["llm"]["rows"]][-1] == "llm: pictures counted"
