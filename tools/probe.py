@@ -47,15 +47,17 @@ def patch_features(model, images, layer, batch=256):  # -> (n, N, width), the CL
 def fit(x, y, n_classes, steps=200, lr=1e-2, l2=1e-3):
     # a linear softmax probe on standardised features, full batch -> predict(x) -> class indices
     mean, std = x.mean(0), x.std(0) + 1e-5
-    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
+    # w as nn.Linear holds it, (n_classes, d): F.linear's backward is then a product the CPU's BLAS
+    # does fast (8x faster than z @ w's on the card's 2000 x 8192 features, 2-core CPU)
+    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr)
     z = (x - mean) / std
     for _ in range(steps):
         opt.zero_grad()
-        (F.cross_entropy(z @ w + b, y) + l2 * w.pow(2).sum()).backward()
+        (F.cross_entropy(F.linear(z, w, b), y) + l2 * w.pow(2).sum()).backward()
         opt.step()
-    return lambda x: ((x - mean) / std @ w + b).argmax(1).detach()
+    return lambda x: F.linear((x - mean) / std, w, b).argmax(1).detach()
 
 
 def probe(model, layers, n_train=2000, n_test=500, seed=0, attributes=ATTRIBUTES, pools=POOLS):
