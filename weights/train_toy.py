@@ -1,6 +1,7 @@
 """Trains the toy backbones of the shapes world, the small stand-ins for DreamLLM's pretrained parts.
 
-    python -m weights.train_toy                      # all five parts into weights/toy/ (80.5 min, 2-core CPU; its SD card then 224 pictures, now 608)
+    python -m weights.train_toy                      # all five parts into weights/toy/ (80.5 min, 2-core CPU,
+                                                     # when the SD card drew 224 pictures, not 608)
     python -m weights.train_toy --only clip unet     # some parts; the others are read from --out
     python -m weights.train_toy --card               # train nothing: the report card of --out
 
