@@ -199,3 +199,43 @@ def test_train_toy_trains_a_tokenizer_and_an_llm_that_loads_and_learns(tmp_path,
     loss = float(said.split("held-out loss ")[1].split()[0])
     assert loss < math.log(model.cfg.vocab_size) - 1, said  # a nat below chance, log(vocab): it learns
     assert [r["name"] for r in json.loads((out / "card.json").read_text())["llm"]["rows"]][-1] == "llm: pictures counted"
+
+
+def test_patch_codes_give_every_patch_the_colour_and_shape_of_the_nearest_shape():
+    scene = data.Scene((data.Shape("red", "circle", "small", "on the left"),
+                        data.Shape("blue", "triangle", "large", "on the right", dx=2)))
+    codes = train_toy.patch_codes(scene, patch=8)  # 64 / 8: an 8 x 8 grid, row-major
+    assert codes.shape == (64, len(COLOURS) + len(SHAPES))
+    grid = codes.view(8, 8, -1)
+    red_circle = torch.zeros(9)
+    red_circle[COLOURS.index("red")] = red_circle[6 + SHAPES.index("circle")] = 1
+    blue_triangle = torch.zeros(9)
+    blue_triangle[COLOURS.index("blue")] = blue_triangle[6 + SHAPES.index("triangle")] = 1
+    # centres at x 16 and 50: columns 0-3 (x up to 32) are nearer the circle, 4-7 the triangle, every row
+    assert (grid[:, :4] == red_circle).all() and (grid[:, 4:] == blue_triangle).all()
+    top_bottom = data.Scene((data.Shape("green", "square", "small", "at the top"),
+                             data.Shape("yellow", "circle", "small", "at the bottom")))
+    rows = train_toy.patch_codes(top_bottom, patch=8).view(8, 8, -1).argmax(-1)  # the colour, first 6
+    assert (rows[:4] == COLOURS.index("green")).all() and (rows[4:] == COLOURS.index("yellow")).all()
+
+
+def test_the_read_part_trains_the_vision_tower_and_leaves_the_text_tower_byte_equal(small, tmp_path):
+    # the text tower's token states are the toy UNet's condition: the read part must not move them
+    import json
+    import shutil
+    from safetensors.torch import load_file
+    toy, out = train_toy.Path(train_toy.__file__).parent / "toy", tmp_path / "toy"
+    out.mkdir()
+    shutil.copy(toy / "tokenizer.json", out)
+    shutil.copytree(toy / "clip", out / "clip")
+    (out / "card.json").write_text(json.dumps({"clip": {"training_minutes": {"clip": 35.8}}}))
+    train_toy.main(["--only", "read", "--scale", "0.01", "--out", str(out), "--threads", "1"])
+    before, after = load_file(toy / "clip" / "model.safetensors"), load_file(out / "clip" / "model.safetensors")
+    assert before.keys() == after.keys()  # the head is dropped: the official layout, as clip.load reads it
+    text = [k for k in before if k.startswith(("text_model.", "text_projection."))]
+    vision = [k for k in before if k.startswith("vision_model.encoder.")]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)
+    assert any(not torch.equal(before[k], after[k]) for k in vision)
+    report = json.loads((out / "card.json").read_text())["clip"]
+    assert report["training_minutes"]["clip"] == 35.8 and "read" in report["training_minutes"]
+    assert any(r["name"] == "clip: read layer's probe on held-out pairs, shape" for r in report["rows"])

@@ -1,21 +1,21 @@
 """Trains the toy backbones of the shapes world, the small stand-ins for DreamLLM's pretrained parts.
 
-    python -m weights.train_toy                      # all five parts into weights/toy/ (80.5 min, 2-core CPU,
-                                                     # when the SD card drew 224 pictures, not 608)
-    python -m weights.train_toy --only clip unet     # some parts; the others are read from --out
+    python -m weights.train_toy                      # all six parts into weights/toy/ (about 97 min, 2-core CPU)
+    python -m weights.train_toy --only clip read unet  # some parts; the others are read from --out
     python -m weights.train_toy --card               # train nothing: the report card of --out
 
 The same structure as the real world, small: a BPE tokenizer; a LLaMA pretrained on shapes-world
 text (Vicuna's stand-in); a CLIP trained contrastively on (caption, image) pairs (ViT-L/14's), each
 batch holding every scene's twin with two colours, shapes or places swapped (NegCLIP's hard
-negatives: without them a CLIP is a bag of words and nothing conditioned on it binds); an SD
+negatives: without them a CLIP is a bag of words and nothing conditioned on it binds), then trained on
+so that the layer a DreamLLM reads holds each patch's colour and shape (the read part); an SD
 VAE (4x, not 8x: 64x64x3 -> 16x16x4); and an SD-2.x-style UNet trained with the epsilon loss on
 those latents, conditioned on the toy CLIP text tower's token states exactly as SD is on its 77
 tokens. The backbones see the whole world (split="all"), as SD has seen everything; only the
 DreamLLM trained on top of them holds out data.HELD_OUT. Every part is saved in the official layout
 (HF / diffusers folders, tokenizer.json) that llama.load, clip.load, unet.load_* already read.
 Each part is a pure function of --seed; a part that needs another (the UNet needs the CLIP and the
-VAE) reads it from --out. After the LLM, the CLIP and the UNet, the report card (weights/card.py):
+VAE) reads it from --out. After the LLM, the CLIP (with its read part) and the SD, the report card (weights/card.py):
 what each says back, binds and draws, on fresh scenes of a seed no part trains on, into
 --out/card.json.
 """
@@ -46,7 +46,7 @@ from plumbing.cli import autocast, pick_device
 from shapes import data, judge
 from weights import card
 
-PARTS = ("tokenizer", "llm", "clip", "vae", "unet")
+PARTS = ("tokenizer", "llm", "clip", "read", "vae", "unet")
 SPECIALS = ["<s>", "</s>", "<pad>", data.IMAGE_TOKEN]  # ids 0-3
 VOCAB = 512  # asked of the BPE; it stops sooner (~450) once every word of the world is one token
 TEXT_LEN = 32  # the CLIP text tower's positions; captions are padded to it (SD 1.x: 77)
@@ -74,6 +74,8 @@ SCHEDULER = dict(unet.PRESETS["sd-2.1-base"]["scheduler"])  # scaled_linear 0.00
 RECIPES = dict(
     llm=dict(steps=300, batch=64, lr=2e-3, warmup=30),
     clip=dict(steps=4000, batch=128, lr=1e-3, warmup=40),
+    # 600 steps, not 300: VALIDATION's shape probe 0.95 against 0.72 (docs/log.md, 2026-12-06)
+    read=dict(steps=600, batch=128, lr=3e-4, warmup=40, code_weight=4.0),
     vae=dict(steps=500, batch=16, lr=1e-3, warmup=25, kl_weight=1e-5),
     unet=dict(steps=7000, batch=64, lr=5e-4, warmup=100, cond_dropout=0.1, ema=0.995),
 )
@@ -186,6 +188,44 @@ def twin_captions(scene, other, field, rng):
     return data.caption(scene, form=form), data.caption(other, form=form)
 
 
+def twin_batch(pool, tok, batch, g, rng, device):
+    # -> (uint8 images (B, 3, 64, 64), caption ids (B, TEXT_LEN), their scenes): B/2 scenes of the pool
+    # and their twins (twin()), drawn now, so that every scene's hardest negative, image and caption,
+    # is in its own batch (NegCLIP's hard negatives, on both sides)
+    idx = torch.randint(len(pool.scenes), (batch // 2,), generator=g).tolist()
+    twins = [twin(pool.scenes[j], rng) for j in idx]
+    texts = [twin_captions(pool.scenes[j], t, field, rng) for j, (t, field) in zip(idx, twins)]
+    images = torch.cat([pool.images[idx], to_uint8([data.draw(t) for t, _ in twins])])
+    ids = encode_text(tok, [a for a, _ in texts] + [b for _, b in texts], device=device)
+    return images, ids, [pool.scenes[j] for j in idx] + [t for t, _ in twins]
+
+
+def contrastive(model, images, ids):
+    # CLIP's symmetric InfoNCE over the batch; two rows may share a caption ("a red circle"), a
+    # small, harmless noise
+    with autocast(ids.device):
+        logits = model(to_clip(images.to(ids.device)), ids).float()  # (B, B), matches on the diagonal
+    target = torch.arange(len(images), device=ids.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def patch_codes(scene, patch=CLIP.vision.patch_size):
+    # -> (N, 9): what the read part asks each patch of the read layer to hold, the one-hot colour (6)
+    # and shape (3) of the shape whose centre is nearest to the patch's centre. Every patch,
+    # background included, carries a code, at full strength whatever the shape covers of it: as many
+    # copies of each code as the layer can hold (docs/log.md, 2026-12-06, eleventh session).
+    n = data.IMAGE_SIZE // patch
+    centres = torch.tensor([[data.POSITIONS[s.position][0] + s.dx, data.POSITIONS[s.position][1] + s.dy]
+                            for s in scene.shapes], dtype=torch.float)  # (shapes, 2) as (x, y)
+    y, x = torch.meshgrid((torch.arange(n) + 0.5) * patch, (torch.arange(n) + 0.5) * patch, indexing="ij")
+    patches = torch.stack([x.flatten(), y.flatten()], 1)  # (N, 2), row-major as the ViT orders them
+    nearest = torch.cdist(patches, centres).argmin(1)  # (N,)
+    codes = torch.stack([torch.cat([F.one_hot(torch.tensor(list(data.COLORS).index(s.color)), len(data.COLORS)),
+                                    F.one_hot(torch.tensor(data.SHAPES.index(s.shape)), len(data.SHAPES))])
+                         for s in scene.shapes]).float()  # (shapes, 9)
+    return codes[nearest]
+
+
 # ------------------------------------------------------------------------------------------- the parts
 
 def train_tokenizer(args, out):
@@ -271,19 +311,8 @@ def train_clip(args, out, device, pool):
     g = torch.Generator().manual_seed(args.seed)
 
     def loss_fn(i):
-        # B/2 scenes of the pool and their twins (twin()), drawn now: every scene's hardest negative,
-        # image and caption, is in its own batch (NegCLIP's hard negatives, on both sides)
-        idx = torch.randint(len(pool.scenes), (r["batch"] // 2,), generator=g).tolist()
-        rng = random.Random(f"{args.seed}/clip/{i}")
-        twins = [twin(pool.scenes[j], rng) for j in idx]
-        texts = [twin_captions(pool.scenes[j], t, field, rng) for j, (t, field) in zip(idx, twins)]
-        images = torch.cat([pool.images[idx], to_uint8([data.draw(t) for t, _ in twins])])
-        ids = encode_text(tok, [a for a, _ in texts] + [b for _, b in texts], device=device)
-        with autocast(device):
-            logits = model(to_clip(images.to(device)), ids).float()  # (B, B), matches on the diagonal
-        # symmetric InfoNCE; two rows may share a caption ("a red circle"), a small, harmless noise
-        target = torch.arange(len(images), device=device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        images, ids, _ = twin_batch(pool, tok, r["batch"], g, random.Random(f"{args.seed}/clip/{i}"), device)
+        return contrastive(model, images, ids)
 
     def clamp(i):  # CLIP caps the learned temperature at 100
         loss = loss_fn(i)
@@ -296,6 +325,40 @@ def train_clip(args, out, device, pool):
     save_weights(model, out / "clip" / "model.safetensors")
     write_json(dict(cfg.to_hf(), torch_dtype="float32"), out / "clip" / "config.json")
     return f"{count(model)} params, loss {loss:.3f}, logit scale {model.logit_scale.exp().item():.1f}"
+
+
+def train_read(args, out, device, pool):
+    # The CLIP trained on, so that the layer a DreamLLM reads holds each patch's colour and shape where
+    # a linear reader can carry them to pairs it never saw (the card's probe rows): a linear head on
+    # every patch of the read layer regresses patch_codes() by squared error, beside the twin InfoNCE
+    # that keeps the towers aligned. A squared error keeps pulling every patch to its code; a
+    # cross-entropy stops once a patch is classified (docs/log.md, 2026-12-06). The text tower is
+    # frozen: its token states are the toy UNet's condition, which must stay valid. The head is dropped.
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    r = RECIPES["read"]
+    torch.manual_seed(args.seed)
+    model = clip.load(out / "clip", device=device).train()
+    for frozen in (model.text_model, model.text_projection):
+        frozen.requires_grad_(False)
+    head = torch.nn.Linear(model.config.vision.width, len(data.COLORS) + len(data.SHAPES)).to(device)
+    read = {}  # the read layer's output, caught on the way through encode_image: (B, 1 + N, width)
+    n_layers = READ_LAYER % (model.config.vision.n_layers + 1)  # HF numbering: 0 is the embeddings
+    model.vision_model.encoder.layers[n_layers - 1].register_forward_hook(lambda m, i, o: read.update(x=o))
+    g = torch.Generator().manual_seed(args.seed)
+
+    def loss_fn(i):
+        images, ids, scenes = twin_batch(pool, tok, r["batch"], g, random.Random(f"{args.seed}/read/{i}"), device)
+        loss = contrastive(model, images, ids)
+        codes = torch.stack([patch_codes(s) for s in scenes]).to(device)  # (B, N, 9)
+        code_loss = ((head(read["x"][:, 1:].float()) - codes) ** 2).sum(-1).mean()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss + r["code_weight"] * code_loss
+
+    loss = fit("read", [*model.parameters(), *head.parameters()], r, loss_fn, args.scale)
+    model.eval()
+    save_weights(model, out / "clip" / "model.safetensors")
+    return f"loss {loss:.3f} (twin InfoNCE + {r['code_weight']} x the patch codes' squared error)"
 
 
 def psnr(x, y):  # images in [-1, 1]
@@ -424,18 +487,18 @@ def next_word(model, tok, device):
     return pick
 
 
-def measure(part, out, device):
-    # -> the card's rows of a trained part ("llm", "clip" or "unet"), read back from `out` as a user
-    # loads them; the UNet's also writes the grid of what it drew, samples.png
-    needs = {"llm": ["llm"], "clip": ["clip"], "unet": ["clip", "unet", "vae"]}[part]
+def measure(section, out, device):
+    # -> the card's rows of a section ("llm", "clip" or "sd"), read back from `out` as a user loads
+    # the models; the SD's also writes the grid of what it drew, samples.png
+    needs = {"llm": ["llm"], "clip": ["clip"], "sd": ["clip", "unet", "vae"]}[section]
     if missing := [n for n in ["tokenizer.json", *needs] if not (out / n).exists()]:
         raise cli.Stop(f"{out} has no {missing[0]}: the card measures trained backbones (make them "
                        "with `python -m weights.train_toy`, or give --out the folder that holds them)")
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    if part == "llm":
+    if section == "llm":
         return card.llm_rows(next_word(llama.load(out / "llm", device=device).eval(), tok, device))
     text_encoder = clip.load(out / "clip", device=device).eval()
-    if part == "clip":
+    if section == "clip":
         return card.clip_rows(*clip_measures(text_encoder, tok, device))
     model, vae = unet.load_unet(out / "unet", device=device).eval(), unet.load_vae(out / "vae", device=device)
     rows, shown = card.sd_rows(sampler(model, vae, text_states(text_encoder, tok, device), device))
@@ -485,7 +548,7 @@ def train_all(args, device):
     print(f"training {', '.join(parts)} on {device} into {args.out}" if parts else f"the card of {args.out}")
     for part in parts:
         t0 = time.time()
-        if part in ("clip", "vae", "unet") and pool is None:
+        if part in ("clip", "read", "vae", "unet") and pool is None:
             pool = Pool(args.seed, max(256, round(POOL["size"] * args.scale)), POOL["two"])
         if part == "tokenizer":
             report = train_tokenizer(args, args.out)
@@ -495,27 +558,32 @@ def train_all(args, device):
             report = globals()[f"train_{part}"](args, args.out, device, pool)
         timings[part] = time.time() - t0
         print(f"[{part}] {timings[part] / 60:.1f} min: {report}", flush=True)
-        if part in CARD:
-            write_card(args.out, part, device, timings)
+        # a section is measured once the last of its parts this run trains is trained
+        for section, of in CARD.items():
+            if part in of and not any(p in of for p in parts[parts.index(part) + 1:]):
+                write_card(args.out, section, device, timings)
     if args.card:
-        for part in CARD:
-            write_card(args.out, part, device, timings)
+        for section in CARD:
+            write_card(args.out, section, device, timings)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"done in {(time.time() - start) / 60:.1f} min; {args.out} holds {size / 2**20:.1f} MB")
 
 
-CARD = {"llm": "llm", "clip": "clip", "unet": "sd"}  # the parts the card measures, and their section
+CARD = {"llm": ("llm",), "clip": ("clip", "read"), "sd": ("vae", "unet")}  # the card's sections, and the parts each measures
 
 
-def write_card(out, part, device, timings):
-    # measure a part, print its rows, and set them in out/card.json (the other sections kept)
+def write_card(out, section, device, timings):
+    # measure a section, print its rows, and set them in out/card.json (the other sections kept),
+    # with the minutes each of its parts trained (this run's, or those the file held)
     t0 = time.time()
-    rows = measure(part, out, device)
-    print(f"[{part}] report card ({time.time() - t0:.0f} s, seed {card.SEED}):\n{card.table(rows)}", flush=True)
+    rows = measure(section, out, device)
+    print(f"[{section}] report card ({time.time() - t0:.0f} s, seed {card.SEED}):\n{card.table(rows)}", flush=True)
     path = out / "card.json"
     report = json.loads(path.read_text()) if path.exists() else {}
-    report[CARD[part]] = dict(rows=rows, seed=card.SEED, training_minutes=round(timings[part] / 60, 1)
-                              if part in timings else report.get(CARD[part], {}).get("training_minutes"))
+    minutes = report.get(section, {}).get("training_minutes")
+    minutes = dict(minutes) if isinstance(minutes, dict) else {}
+    minutes.update({p: round(timings[p] / 60, 1) for p in CARD[section] if p in timings})
+    report[section] = dict(rows=rows, seed=card.SEED, training_minutes=minutes)
     write_json(report, path)
 
 
