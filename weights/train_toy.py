@@ -1,6 +1,7 @@
 """Trains the toy backbones of the shapes world, the small stand-ins for DreamLLM's pretrained parts.
 
-    python -m weights.train_toy                      # all six parts into weights/toy/ (about 97 min, 2-core CPU)
+    python -m weights.train_toy                      # all six parts into weights/toy/ (2-core CPU: the five
+                                                     # besides read 80.5 min, read 7.4; docs/log.md)
     python -m weights.train_toy --only clip read unet  # some parts; the others are read from --out
     python -m weights.train_toy --card               # train nothing: the report card of --out
 
@@ -15,8 +16,8 @@ tokens. The backbones see the whole world (split="all"), as SD has seen everythi
 DreamLLM trained on top of them holds out data.HELD_OUT. Every part is saved in the official layout
 (HF / diffusers folders, tokenizer.json) that llama.load, clip.load, unet.load_* already read.
 Each part is a pure function of --seed; a part that needs another (the UNet needs the CLIP and the
-VAE) reads it from --out. After the LLM, the CLIP (with its read part) and the SD, the report card (weights/card.py):
-what each says back, binds and draws, on fresh scenes of a seed no part trains on, into
+VAE) reads it from --out. After the LLM, the CLIP (with its read part) and the SD, the report card
+(weights/card.py): what each says back, binds and draws, on fresh scenes of a seed no part trains on, into
 --out/card.json.
 """
 import argparse
@@ -569,7 +570,8 @@ def train_all(args, device):
     print(f"done in {(time.time() - start) / 60:.1f} min; {args.out} holds {size / 2**20:.1f} MB")
 
 
-CARD = {"llm": ("llm",), "clip": ("clip", "read"), "sd": ("vae", "unet")}  # the card's sections, and the parts each measures
+# the card's sections, and the parts each measures
+CARD = {"llm": ("llm",), "clip": ("clip", "read"), "sd": ("vae", "unet")}
 
 
 def write_card(out, section, device, timings):
