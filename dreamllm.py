@@ -375,11 +375,15 @@ class DreamLLM(nn.Module):
         if vae_pixels is None and captions is None:
             return losses
         context = self.slot_conditions(input_ids, h=h)  # (n, K, C), or (n, L, C) through a mapper
+        # condition dropout's null and the alignment's are one where the dropped condition is the
+        # queries after "" (DreamConfig.dropout_null): computed once
+        shared = vae_pixels is not None and captions is not None and self.config.cond_dropout > 0
+        null = self.null_condition() if shared and self.config.dropout_null == "queries" else None
         if vae_pixels is not None:
-            losses["diffusion"] = self.diffusion_loss(context, vae_pixels, draws)
+            losses["diffusion"] = self.diffusion_loss(context, vae_pixels, draws, null)
         if captions is not None:
             slots, texts = captions
-            losses["align"] = self.alignment_loss(context[slots.to(self.device)], texts)
+            losses["align"] = self.alignment_loss(context[slots.to(self.device)], texts, null)
         if anchor is not None:  # (slots (m,), target (m, K, C)): an MSE holds those slots there
             slots, target = anchor
             losses["anchor"] = F.mse_loss(context[slots.to(self.device)].float(),
@@ -400,7 +404,7 @@ class DreamLLM(nn.Module):
         c = self.condition_projector(states)
         return c if self.condition_mapper is None else self.condition_mapper(c)
 
-    def alignment_loss(self, context, captions):
+    def alignment_loss(self, context, captions, null=None):
         # The peers' objective: the conditions (m, L, C) of pairs written against E(caption), the
         # frozen text encoder's states of their captions. Where the denoising loss drops a
         # condition for the null (cond_dropout), the null is aligned to E(""), SD's own null, at
@@ -409,7 +413,8 @@ class DreamLLM(nn.Module):
         target = self.text_states([*captions, ""])  # (m + 1, L, C)
         loss = alignment.distance(context, target[:-1], self.config.align_distance)
         if p > 0:
-            null = alignment.distance(self.null_condition(), target[-1:], self.config.align_distance)
+            null = self.null_condition() if null is None else null  # (1, L, C)
+            null = alignment.distance(null, target[-1:], self.config.align_distance)
             loss = (1 - p) * loss + p * null
         return loss
 
@@ -423,13 +428,16 @@ class DreamLLM(nn.Module):
         ids = alignment.text_ids(self.tokenizer, list(captions), self.clip.config.text.n_positions)
         return self.clip.text_hidden_states(ids.to(self.device))
 
-    def diffusion_loss(self, context, vae_pixels, draws):
+    def diffusion_loss(self, context, vae_pixels, draws, null=None):
         # SD's denoising loss, with the LLM's condition (n, K, C) in place of CLIP's text features;
-        # draws: draw_noise()'s (the dropout coin, the posterior's sample, eps, t)
+        # draws: draw_noise()'s (the dropout coin, the posterior's sample, eps, t); null: the
+        # condition dropped ones get, where the caller has it
         cfg, draws = self.config, {k: v.to(self.device) for k, v in draws.items()}
         if cfg.cond_dropout > 0:  # CFG needs the unconditional score too. Computed even when
             # nothing is dropped, so every process of an FSDP run runs the LLM as often
-            null = self.condition("", queries=cfg.dropout_null == "queries").to(context.dtype)
+            if null is None:
+                null = self.condition("", queries=cfg.dropout_null == "queries")
+            null = null.to(context.dtype)
             context = torch.where(draws["drop"][:, None, None], null, context)
         with torch.no_grad():  # the VAE is frozen; a sample of its posterior, as SD was trained
             pixels = vae_pixels.to(self.device, self.vae.quant_conv.weight.dtype)

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 import dreamllm
-from plumbing import alignment, checkpoint, cli, parallel
+from plumbing import alignment, checkpoint, cli, memo, parallel
 from plumbing.cli import Interrupted, Stop
 from plumbing.recipes import CURRICULA, DEFAULT_PRESET, STAGES, cycle, recipe, stage_of
 from plumbing.whitening import Whitening
@@ -98,6 +98,9 @@ def train(args):
     model, groups, params, opt, step, ckpt, anchor = setup(args, stage, run, out, example, rank,
                                                            world, device, weights)
     say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks and writes
+    # the shapes world's pictures and captions come back: what the frozen encoders make of each is
+    # computed once (plumbing/memo.py); a real corpus's rarely come back
+    memos = memo.remember(model) if args.data == "shapes" else {}
     lo, hi = args.batch_size * rank // world, args.batch_size * (rank + 1) // world  # my slice
     flip = recipe(args.preset)["random_flip"]
 
@@ -185,7 +188,8 @@ def train(args):
                 raise Interrupted(f"interrupted: saved step {step} to {out}; go on with --resume")
             if step == args.stop_after:
                 return say(f"stopped after step {step} (--stop-after), saved to {out}; go on with --resume")
-    say(f"done: {step} steps, saved to {out}")
+    say(f"done: {step} steps, saved to {out}" + "".join(
+        f"; {name} computed {m.computed:,} of {m.seen:,}" for name, m in memos.items()))
 
 
 # ---------------------------------------------------------------------------------- around the loop

@@ -61,6 +61,22 @@ def test_alignment_loss_is_the_distance_to_the_text_encoders_states():
     assert both.item() == pytest.approx(0.75 * losses["align"].item() + 0.25 * null.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("null", ["queries", "patches"])
+def test_both_objectives_share_the_null_where_it_is_one(null):
+    # condition dropout's null and the alignment's are the queries after "" (dropout_null
+    # "queries"): the LLM runs over "" once, and each loss is what it is computed alone
+    m = dreamllm.build("tiny-text", bridge="mapper", objective="both", cond_dropout=0.5, dropout_null=null)
+    examples, captions = pairs(4)
+    batch = m.collate(examples)
+    draws = m.draw_noise([torch.Generator().manual_seed(e) for e in range(4)])
+    calls, condition = [], m.condition
+    m.condition = lambda *a, **k: calls.append(a) or condition(*a, **k)
+    losses = m(**batch, draws=draws, captions=(torch.arange(4), captions))
+    assert len(calls) == (1 if null == "queries" else 2)
+    c = m.slot_conditions(batch["input_ids"])
+    assert losses["diffusion"].item() == pytest.approx(m.diffusion_loss(c, batch["vae_pixels"], draws).item(), rel=1e-5)
+    assert losses["align"].item() == pytest.approx(m.alignment_loss(c, captions).item(), rel=1e-5)
+
 def test_a_model_that_cannot_align_is_refused():
     with pytest.raises(ValueError, match="bridge 'mapper'"):
         dreamllm.build("tiny-text", objective="align")  # K states cannot meet L
