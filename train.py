@@ -189,7 +189,7 @@ def train(args):
             if step == args.stop_after:
                 return say(f"stopped after step {step} (--stop-after), saved to {out}; go on with --resume")
     say(f"done: {step} steps, saved to {out}" + "".join(
-        f"; {name} computed {m.computed:,} of {m.seen:,}" for name, m in memos.items()))
+        f"; {name} computed {m.computed:,} of {m.seen:,}" for name, m in memos.items() if m.seen))
 
 
 # ---------------------------------------------------------------------------------- around the loop
