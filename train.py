@@ -46,7 +46,7 @@ from plumbing.whitening import Whitening
 from shapes import data
 
 PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight",
-             "anchor_weight", "stop_after")
+             "anchor_weight", "score_every", "stop_after")
 
 
 # the flags that set a DreamConfig field (default: the preset's recipe's, else the preset's own)
@@ -54,7 +54,7 @@ DREAM_FLAGS = ("target", "min_snr_gamma", "cond_dropout", "dropout_null", "lm_me
                "align_weight", "align_distance", "bridge", "n_queries")
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
-            "data", "mix", "init", "diffusion_weight", "lm_weight", "anchor_weight", "whiten",
+            "data", "mix", "init", "diffusion_weight", "lm_weight", "anchor_weight", "score_every", "whiten",
             *DREAM_FLAGS)
 
 
@@ -102,16 +102,21 @@ def train(args):
     # computed once (plumbing/memo.py); a real corpus's rarely come back
     memos = memo.remember(model) if args.data == "shapes" else {}
     lo, hi = args.batch_size * rank // world, args.batch_size * (rank + 1) // world  # my slice
+    # the score (the UNet's denoising loss) on every k-th step only, weighted k, where the flag or
+    # the stage says so: the same loss in expectation, its costliest term sampled. The stage's k
+    # holds where the alignment trains the condition on the steps between (objective "both")
+    every = args.score_every or (stage.get("score_every", 1) if weights["align"] > 0 else 1)
+    scored_weights = weights | dict(diffusion=weights["diffusion"] * every)
     flip = recipe(args.preset)["random_flip"]
 
-    def collate(es, examples):  # examples es of the run -> one batch, a function of (seed, es)
+    def collate(es, examples, scored):  # examples es of the run -> one batch, a function of (seed, es)
         # the images written (dream slots), by example: each one's noise from its example's own
         # generator, and its mirror coin from its own stream, so any process draws the same
         dreamt = [(e, j) for e, (text, _, layout, reply) in zip(es, examples)
                   for j, slots in enumerate(dreamllm.DreamLLM.image_slots(text, layout, reply))
                   if "dream" in slots]  # (example, image)
         flips = [flip and random.Random(f"{args.seed}/flip/{e}/{j}").random() < 0.5 for e, j in dreamt]
-        batch = model.collate(examples, diffusion=weights["diffusion"] > 0, flips=flips)
+        batch = model.collate(examples, diffusion=weights["diffusion"] > 0 and scored, flips=flips)
         batch["pairs"] = [k for k, (*_, layout, _) in enumerate(examples) if layout == "t2i"]
         if weights["anchor"] > 0:  # the anchor holds a pair to its own condition at the stage's
             # start, an opening ("Here is X. <image>") to its bare caption's ("X <image>")
@@ -135,7 +140,8 @@ def train(args):
         lengths = [len(model.encode_document(text, len(ims), layout, reply)[0])
                    for text, ims, layout, reply in examples]
         parts = [range(len(es))] if args.fsdp else by_length(lengths)  # FSDP: as many forwards
-        return [collate([es[k] for k in part], [examples[k] for k in part]) for part in parts]
+        scored = i // args.grad_accum % every == 0
+        return [collate([es[k] for k in part], [examples[k] for k in part], scored) for part in parts]
 
     bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step",
                dynamic_ncols=True, disable=True if rank > 0 else None)  # None: no bar in a log file
@@ -150,8 +156,9 @@ def train(args):
                 parts = get_parts(step * args.grad_accum + micro)
                 # each part's share of the global micro-batch's labels, images and pairs
                 shares = parallel.batch_shares(parts, world, device, model.config.lm_mean)
+                w = scored_weights if step % every == 0 else weights
                 for batch, share in zip(parts, shares):
-                    loss, terms = step_loss(model, anchor, batch, share, weights, device)
+                    loss, terms = step_loss(model, anchor, batch, share, w, device)
                     if loss.requires_grad:  # (a batch may hold nothing this stage learns from)
                         (loss / args.grad_accum).backward()
                     totals[:5] += torch.cat([loss[None], terms]).detach().double() / args.grad_accum
@@ -167,6 +174,8 @@ def train(args):
                            f"({ckpt.kept()})")
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if step % every:  # a step without the score shows (and logs) the last one taken
+                diffusion = ckpt.losses.get("diffusion", 0.0)
             step += 1
             ckpt.losses = dict(loss=loss, lm=lm, diffusion=diffusion, align=aligned, anchor=anchored)
             shown = dict(lm=lm, diffusion=diffusion) | {k: ckpt.losses[k] for k in ("align", "anchor")
@@ -512,6 +521,9 @@ def parse_args(argv=None):
     loss.add_argument("--dropout-null", choices=["patches", "queries"], help="that null: the LLM "
                       "over raw <im_patch> (official) or over the queries after an empty prompt")
     loss.add_argument("--diffusion-weight", type=float, help="lambda on the diffusion loss")
+    loss.add_argument("--score-every", type=int, help="the diffusion loss on every k-th step only, "
+                      "weighted k; the other terms on each (default: the stage's where the "
+                      "alignment trains beside the score, toy I-creation and II: 2; else 1)")
     loss.add_argument("--lm-weight", type=float, help="weight of the LM cross-entropy")
     loss.add_argument("--anchor-weight", type=float, help="weight of the anchor: the MSE of each "
                       "pair written's condition to the one the stage began with (ours; toy II, III: 10)")
@@ -532,7 +544,7 @@ def parse_args(argv=None):
                       "the DreamConfig's n_queries; default: the preset's, 8 for toy)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "stop_after",
-                 "n_queries"):
+                 "n_queries", "score_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     checks = [("lr", lambda v: 0 < v <= 1, "a learning rate in (0, 1]"),

@@ -54,13 +54,18 @@ def sync_grads(params, world):
     from torch.distributed.tensor import DTensor  # FSDP's sharded parameters: already reduced
     if world == 1:
         return
+    replicated = []
     for p in params:
         if isinstance(p, DTensor):  # FSDP averaged the shards' gradients over the processes: we want the sum
             p.grad.mul_(world)
         else:
             if p.grad is None:  # unused here, maybe not elsewhere: every process must join every all-reduce
                 p.grad = torch.zeros_like(p)
-            all_sum(p.grad, world)
+            replicated.append(p.grad)
+    if replicated:  # one all-reduce of them all, flattened: each call costs a round trip
+        flat = all_sum(torch.cat([g.reshape(-1) for g in replicated]), world)
+        for g, summed in zip(replicated, flat.split([g.numel() for g in replicated])):
+            g.copy_(summed.view_as(g))
 
 
 def shard_llm(model):

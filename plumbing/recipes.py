@@ -69,7 +69,12 @@ RECIPES = {
         # (docs/log.md, 2026-12-05, fifth session)
         dream=dict(cond_dropout=0.1, dropout_null="queries", objective="both", bridge="mapper"),
         betas=(0.9, 0.95), warmup_ratio=1 / 30, final_lr=0.1,  # then 0.79 / 0.94
-        stages={"I-creation": dict(diffusion_weight=10.0),     # then 0.90 / 0.93
+        # The score on every 2nd step of I-creation and of II, weighted 2 (train.py --score-every):
+        # the same loss in expectation, its costliest term (the UNet, forward and back) sampled;
+        # the alignment, the LM loss and the anchor on every step. Chosen on VALIDATION (seed 0,
+        # after III): drawing 1.00 -> 0.97, VQA all 0.82 both, for about 90 s; every 4th step of
+        # I-creation saved 30 s more and drew 0.84 (docs/log.md, 2026-12-06, fifteenth session)
+        stages={"I-creation": dict(diffusion_weight=10.0, score_every=2),  # then 0.90 / 0.93
                 # the comprehension half first, and with the LLM: the frozen toy LLM never learnt
                 # to look (its pretraining saw <image> as one uninformative token), and where II
                 # and III train it, the anchor's gradient drowns the LM loss's (docs/log.md, 2026-11-29: reading).
@@ -90,7 +95,8 @@ RECIPES = {
                 # aligned only bare captions, and after "Here is ..." the queries' states are not
                 # theirs. Documents' pictures after III 0.17 / 0.04 / 0.21 / 0.29 -> 0.58 / 0.71 /
                 # 0.88 / 0.75 (seeds 0-3, one thread; docs/log.md, 2026-11-29: documents); drawing, VQA as they were
-                "II": dict(lr=1e-4, anchor_weight=10.0, mix=["document", "t2i", "i2t", "opening"]),
+                "II": dict(lr=1e-4, anchor_weight=10.0, score_every=2,
+                           mix=["document", "t2i", "i2t", "opening"]),
                 # SFT on the shapes world's instructions too: "Draw a red circle.", "Write about
                 # two shapes, with pictures." (data.instruction_example), beside its questions
                 "III": dict(lr=1e-4, anchor_weight=10.0,

@@ -437,6 +437,38 @@ def test_a_micro_batch_cut_by_length_gives_the_same_losses(objective, tmp_path, 
         assert cut[0][key] == pytest.approx(whole[0][key], rel=1e-5) and whole[0][key] > 0
 
 
+def test_score_every_k_takes_the_diffusion_loss_on_every_kth_step_weighted_k(tmp_path, monkeypatch):
+    # --score-every 2: the UNet's loss on steps 1 and 3 of 4, weighted 2; the alignment on each;
+    # a step without the score logs the last diffusion loss taken
+    scored, diffusion_loss = [], dreamllm.DreamLLM.diffusion_loss
+    monkeypatch.setattr(dreamllm.DreamLLM, "diffusion_loss",
+                        lambda self, *a, **k: scored.append(1) or diffusion_loss(self, *a, **k))
+    train.main(FAST + ["--preset", "tiny-text", "--objective", "both", "--bridge", "mapper",
+                       "--steps", "4", "--score-every", "2", "--out", str(tmp_path)])
+    assert len(scored) == 2
+    logs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    for r in logs[0::2]:  # scored: weight 2 on the diffusion loss, 1 on the alignment
+        assert r["loss"] == pytest.approx(2 * r["diffusion"] + r["align"], rel=1e-5) and r["diffusion"] > 0
+    for before, r in zip(logs[0::2], logs[1::2]):  # the alignment alone; the last score shown
+        assert r["loss"] == pytest.approx(r["align"], rel=1e-5) and r["diffusion"] == before["diffusion"]
+
+
+@pytest.mark.parametrize("objective, scored", [("both", 2), ("score", 4)])
+def test_a_stages_score_every_holds_only_beside_the_alignment(objective, scored, tmp_path, monkeypatch):
+    # a recipe's score_every skips the score on steps the alignment still trains; with the score
+    # alone those steps would train nothing, and it is every step
+    from plumbing import recipes
+    monkeypatch.setitem(recipes.RECIPES, "tiny-text", dict(stages={"I-creation": dict(score_every=2)}))
+    calls, diffusion_loss = [], dreamllm.DreamLLM.diffusion_loss
+    monkeypatch.setattr(dreamllm.DreamLLM, "diffusion_loss",
+                        lambda self, *a, **k: calls.append(1) or diffusion_loss(self, *a, **k))
+    bridge = "mapper" if objective == "both" else "projector"
+    train.main(FAST + ["--preset", "tiny-text", "--objective", objective, "--bridge", bridge,
+                       "--steps", "4", "--out", str(tmp_path)])
+    assert len(calls) == scored
+
+
 def test_trains_on_a_manifest_of_documents(tmp_path):
     with open(tmp_path / "docs.jsonl", "w") as f:
         for i in range(3):
