@@ -21,7 +21,8 @@ of the run and its noise are pure functions of (seed, e), so `--resume` ends bit
 to the same run uninterrupted, and under torchrun each process takes a slice of the same global
 batch: N processes give the losses of one (to float rounding; see plumbing/parallel.py). A folder
 that holds a checkpoint is only ever continued, with --resume and the same settings (--steps may
-grow, the device may change).
+grow, the device may change), under the stage's recipe as it was (a changed one is refused, also
+where the curriculum would skip the stage as done).
 Ctrl-C or SIGTERM: the step finishes, the run saves and exits (status 130).
 """
 import argparse
@@ -54,8 +55,8 @@ DREAM_FLAGS = ("target", "min_snr_gamma", "cond_dropout", "dropout_null", "lm_me
                "align_weight", "align_distance", "bridge", "n_queries")
 # the arguments that define a run: --resume refuses to change them
 RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
-            "data", "mix", "init", "diffusion_weight", "lm_weight", "anchor_weight", "score_every", "whiten",
-            *DREAM_FLAGS)
+            "data", "mix", "init", "diffusion_weight", "lm_weight", "anchor_weight", "score_every",
+            "whiten", *DREAM_FLAGS)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -321,7 +322,8 @@ def example_source(args, stage):
 def open_run(args):
     # -> (the checkpoint to continue or None, the run's folder, the stage); refuses what loses work
     stage, out = stage_of(args), Path(args.out or f"out/{args.preset}-{args.stage}")
-    args.given = {k: v for k, v in vars(args).items() if k != "given"}  # saved; compared on resume
+    args.given = {k: v for k, v in vars(args).items() if k not in ("given", "recipe")}  # saved;
+    args.recipe = stage_recipe(args)  # both compared when a run is continued or skipped as done
     args.lr = stage["lr"] if args.lr is None else args.lr
     if args.warmup is None:  # the recipe's share of the steps, rounded up (HF's warmup_ratio)
         args.warmup = math.ceil(recipe(args.preset)["warmup_ratio"] * args.steps)
@@ -342,7 +344,16 @@ def open_run(args):
         if run["args"].get(key) != args.given[key]:
             was, now = ("(not given)" if v is None else v for v in (run["args"].get(key), args.given[key]))
             raise Stop(f"--resume: {out} is a run with --{key.replace('_', '-')} {was}, not {now}")
+    if run and run.get("recipe", args.recipe) != args.recipe:  # the code changed the stage under it
+        was, now = run["recipe"], args.recipe
+        key = next(k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+        raise Stop(f"{out} was trained with stage {args.stage}'s {key} {was.get(key)}, and the recipe "
+                   f"now says {now.get(key)}: pick another --out, or delete {out} to train it again")
     return run, out, stage
+
+
+def stage_recipe(args):  # the stage as the recipe has it, as a run's config.json records it
+    return json.loads(json.dumps(stage_of(args)))
 
 
 def setup(args, stage, run, out, example, rank, world, device, weights):
@@ -463,7 +474,7 @@ class Checkpointer:
             a = self.args
             config = dict(preset=a.preset, stage=a.stage, groups=self.groups, step=step,
                           steps=a.steps, seed=a.seed, dream_config=asdict(self.model.config),
-                          losses=self.losses, args=a.given)
+                          losses=self.losses, args=a.given, recipe=a.recipe)
             tensors = dict(model=trained, train_state=train_state)
             try:
                 checkpoint.save_run(self.out, step, tensors, config)

@@ -469,6 +469,23 @@ def test_a_stages_score_every_holds_only_beside_the_alignment(objective, scored,
     assert len(calls) == scored
 
 
+def test_a_run_trained_under_another_recipe_is_neither_continued_nor_skipped(tmp_path, capsys, monkeypatch):
+    # the code's recipe for the stage changed after the run (a student's pull): a finished stage
+    # is not skipped as done, nor a begun one continued, on the new recipe's say-so
+    from plumbing import recipes
+    flags = FAST + ["--steps", "2", "--out", str(tmp_path)]
+    train.main(flags)
+    assert checkpoint.read_run(tmp_path)["recipe"]["lr"] == recipes.STAGES["I-creation"]["lr"]
+    train.main(flags + ["--resume"])  # the same recipe: done, skipped
+    monkeypatch.setitem(recipes.STAGES, "I-creation", recipes.STAGES["I-creation"] | dict(lr=1e-3))
+    line = fails(flags + ["--resume"], capsys)
+    assert "I-creation's lr 0.002" in line and "now says 0.001" in line and "another --out" in line
+    from tools import sweep
+    run = argparse.Namespace(folder=tmp_path, steps=2, argv=flags[:-2] + ["--out", str(tmp_path)])
+    with pytest.raises(checkpoint.CheckpointError, match="another recipe"):
+        sweep.state(run)
+
+
 def test_trains_on_a_manifest_of_documents(tmp_path):
     with open(tmp_path / "docs.jsonl", "w") as f:
         for i in range(3):

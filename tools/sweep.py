@@ -280,7 +280,14 @@ def state(run):
     found = checkpoint.read_run(run.folder)
     if found is None:
         return "new", 0
-    return ("done" if found["step"] >= run.steps else "resume"), found["step"]
+    if found["step"] >= run.steps:  # done; under the recipe as it is now? (train.py checks a resume)
+        import train
+        now = train.stage_recipe(train.parse_args(run.argv))
+        if found.get("recipe", now) != now:
+            raise checkpoint.CheckpointError(f"{run.folder}: trained under another recipe of stage "
+                                             f"{found['stage']}; give the sweep another --out")
+        return "done", found["step"]
+    return "resume", found["step"]
 
 
 def dry_run(runs):
