@@ -31,9 +31,7 @@ import functools
 import json
 import math
 import random
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -133,15 +131,15 @@ def train(args):
             batch["draws"] = model.draw_noise([gens[e] for e, _ in dreamt])
         return batch
 
-    def get_parts(i):
+    def get_parts(i, scored):
         # micro-batch i of the run (this process's slice), as batches of like lengths: in a mixed
-        # stage a document is ~10x a pair, and padding all to the longest wastes half the LLM's work
+        # stage a document is ~10x a pair, and padding all to the longest wastes half the LLM's work.
+        # scored: this step takes the score (its pictures are encoded and noised)
         es = range(i * args.batch_size + lo, i * args.batch_size + hi)
         examples = [example(e) for e in es]
         lengths = [len(model.encode_document(text, len(ims), layout, reply)[0])
                    for text, ims, layout, reply in examples]
         parts = [range(len(es))] if args.fsdp else by_length(lengths)  # FSDP: as many forwards
-        scored = i // args.grad_accum % every == 0
         return [collate([es[k] for k in part], [examples[k] for k in part], scored) for part in parts]
 
     bar = tqdm(total=args.steps, initial=step, desc=f"stage {args.stage}", unit="step",
@@ -152,12 +150,13 @@ def train(args):
             lr = lr_at(step, args)
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
+            scored = step % every == 0  # the score on this step, weighted every
+            w = scored_weights if scored else weights
             totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, 4 terms, stop
             for micro in range(args.grad_accum):
-                parts = get_parts(step * args.grad_accum + micro)
+                parts = get_parts(step * args.grad_accum + micro, scored)
                 # each part's share of the global micro-batch's labels, images and pairs
                 shares = parallel.batch_shares(parts, world, device, model.config.lm_mean)
-                w = scored_weights if step % every == 0 else weights
                 for batch, share in zip(parts, shares):
                     loss, terms = step_loss(model, anchor, batch, share, w, device)
                     if loss.requires_grad:  # (a batch may hold nothing this stage learns from)
@@ -175,7 +174,7 @@ def train(args):
                            f"({ckpt.kept()})")
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if step % every:  # a step without the score shows (and logs) the last one taken
+            if not scored:  # a step without the score shows (and logs) the last one taken
                 diffusion = ckpt.losses.get("diffusion", 0.0)
             step += 1
             ckpt.losses = dict(loss=loss, lm=lm, diffusion=diffusion, align=aligned, anchor=anchored)
@@ -392,7 +391,7 @@ def setup(args, stage, run, out, example, rank, world, device, weights):
             m.compile()
     if run:
         checkpoint.load_optimizer_tensors(opt, train_state, device)
-    ckpt = Checkpointer(args, out, model, groups, opt, whitening, units, rank, run)
+    ckpt = checkpoint.Checkpointer(args, out, model, groups, opt, whitening, units, rank, run)
     n = sum(t.numel() for t in model.trained_state(stage["groups"]).values())
     if rank == 0:
         print(f"stage {args.stage}: training {', '.join(stage['groups'])} ({n:,} parameters) of preset "
@@ -432,61 +431,6 @@ def make_optimizer(model, groups, args, whitening=None):
     if whitening:
         whitening.attach(opt)
     return params, opt
-
-
-class Checkpointer:
-    # Saves the run (checkpoint.save_run): every process gathers (FSDP's shards), process 0 writes.
-    # Before the first step it checks that the folder is writable and has room for two checkpoints
-    # (the new one is written beside the last), so a problem shows before the training, not after.
-    def __init__(self, args, out, model, groups, opt, whitening, units, rank, run):
-        self.args, self.out, self.model, self.groups, self.opt = args, out, model, groups, opt
-        self.whitening, self.units, self.rank = whitening, units, rank
-        self.saved, self.losses = (run["step"] if run else None), (run or {}).get("losses", {})
-        if rank == 0:
-            self.check_writable()
-
-    def check_writable(self):
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
-            probe.write_bytes(b"0")
-            probe.unlink()
-        except OSError as e:
-            raise Stop(f"--out {self.out}: cannot write there ({e.strerror or e}); pick another "
-                       "--out") from None
-        tensors = self.model.trained_state(self.groups).values()
-        trained = sum(t.numel() * t.element_size() for t in tensors)
-        need = 2 * 3 * trained  # the model and AdamW's two moments, twice (the new beside the last)
-        free = shutil.disk_usage(self.out).free
-        if free < need:
-            raise Stop(f"--out {self.out}: {free / 2**20:.0f} MiB free, a checkpoint needs "
-                       f"{need / 2**20:.0f} MiB; free some space or pick another --out")
-
-    def save(self, step):
-        for u in self.units:
-            u.unshard()  # full parameters in place of the shards, for trained_state
-        trained = self.model.trained_state(self.groups)
-        for u in self.units:
-            u.reshard()
-        train_state = checkpoint.optimizer_tensors(self.opt)
-        train_state |= self.whitening.state() if self.whitening else {}
-        if self.rank == 0:
-            a = self.args
-            config = dict(preset=a.preset, stage=a.stage, groups=self.groups, step=step,
-                          steps=a.steps, seed=a.seed, dream_config=asdict(self.model.config),
-                          losses=self.losses, args=a.given, recipe=a.recipe)
-            tensors = dict(model=trained, train_state=train_state)
-            try:
-                checkpoint.save_run(self.out, step, tensors, config)
-            except OSError as e:
-                raise Stop(f"step {step}: the checkpoint could not be written ({e.strerror or e}); "
-                           f"{self.kept()}") from None
-        self.saved = step
-
-    def kept(self):
-        if self.saved is None:
-            return "no checkpoint was written"
-        return f"the last good checkpoint, step {self.saved}, is kept in {self.out}"
 
 
 # ------------------------------------------------------------------------------------------ arguments

@@ -1,5 +1,5 @@
 """Checkpoint folders: reading the official ones (the one piece of loading the three backbones
-share), and writing and reading our training runs' (below).
+share), and writing and reading our training runs' (below; Checkpointer: train.py's saving).
 
 A Hugging Face / diffusers folder holds `config.json` beside the weights, which come as one file
 (`model.safetensors`), as shards named by an index (`model.safetensors.index.json`), or as the old
@@ -248,3 +248,58 @@ def load_optimizer_tensors(optimizer, tensors, device):
         state.setdefault(int(i), {})[name] = t
     groups = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Checkpointer:
+    # train.py's saving of its run (save_run): every process gathers (FSDP's shards), process 0 writes.
+    # Before the first step it checks that the folder is writable and has room for two checkpoints
+    # (the new one is written beside the last), so a problem shows before the training, not after.
+    def __init__(self, args, out, model, groups, opt, whitening, units, rank, run):
+        self.args, self.out, self.model, self.groups, self.opt = args, out, model, groups, opt
+        self.whitening, self.units, self.rank = whitening, units, rank
+        self.saved, self.losses = (run["step"] if run else None), (run or {}).get("losses", {})
+        if rank == 0:
+            self.check_writable()
+
+    def check_writable(self):
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / ".write-test"
+            probe.write_bytes(b"0")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(f"--out {self.out}: cannot write there ({e.strerror or e}); pick another "
+                       "--out") from None
+        tensors = self.model.trained_state(self.groups).values()
+        trained = sum(t.numel() * t.element_size() for t in tensors)
+        need = 2 * 3 * trained  # the model and AdamW's two moments, twice (the new beside the last)
+        free = shutil.disk_usage(self.out).free
+        if free < need:
+            raise CheckpointError(f"--out {self.out}: {free / 2**20:.0f} MiB free, a checkpoint needs "
+                       f"{need / 2**20:.0f} MiB; free some space or pick another --out")
+
+    def save(self, step):
+        for u in self.units:
+            u.unshard()  # full parameters in place of the shards, for trained_state
+        trained = self.model.trained_state(self.groups)
+        for u in self.units:
+            u.reshard()
+        train_state = optimizer_tensors(self.opt)
+        train_state |= self.whitening.state() if self.whitening else {}
+        if self.rank == 0:
+            a = self.args
+            config = dict(preset=a.preset, stage=a.stage, groups=self.groups, step=step,
+                          steps=a.steps, seed=a.seed, dream_config=dataclasses.asdict(self.model.config),
+                          losses=self.losses, args=a.given, recipe=a.recipe)
+            tensors = dict(model=trained, train_state=train_state)
+            try:
+                save_run(self.out, step, tensors, config)
+            except OSError as e:
+                raise CheckpointError(f"step {step}: the checkpoint could not be written ({e.strerror or e}); "
+                           f"{self.kept()}") from None
+        self.saved = step
+
+    def kept(self):
+        if self.saved is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint, step {self.saved}, is kept in {self.out}"
