@@ -251,7 +251,8 @@ def load_optimizer_tensors(optimizer, tensors, device):
 
 
 class Checkpointer:
-    # train.py's saving of its run (save_run): every process gathers (FSDP's shards), process 0 writes.
+    # train.py's saving of its run (save_run): every process gathers (FSDP's shards), process 0
+    # writes.
     # Before the first step it checks that the folder is writable and has room for two checkpoints
     # (the new one is written beside the last), so a problem shows before the training, not after.
     def __init__(self, args, out, model, groups, opt, whitening, units, rank, run):
@@ -268,15 +269,15 @@ class Checkpointer:
             probe.write_bytes(b"0")
             probe.unlink()
         except OSError as e:
-            raise CheckpointError(f"--out {self.out}: cannot write there ({e.strerror or e}); pick another "
-                       "--out") from None
+            raise CheckpointError(f"--out {self.out}: cannot write there ({e.strerror or e}); "
+                                  "pick another --out") from None
         tensors = self.model.trained_state(self.groups).values()
         trained = sum(t.numel() * t.element_size() for t in tensors)
         need = 2 * 3 * trained  # the model and AdamW's two moments, twice (the new beside the last)
         free = shutil.disk_usage(self.out).free
         if free < need:
-            raise CheckpointError(f"--out {self.out}: {free / 2**20:.0f} MiB free, a checkpoint needs "
-                       f"{need / 2**20:.0f} MiB; free some space or pick another --out")
+            raise CheckpointError(f"--out {self.out}: {free / 2**20:.0f} MiB free, a checkpoint "
+                                  f"needs {need / 2**20:.0f} MiB; free some space or pick another --out")
 
     def save(self, step):
         for u in self.units:
@@ -295,8 +296,8 @@ class Checkpointer:
             try:
                 save_run(self.out, step, tensors, config)
             except OSError as e:
-                raise CheckpointError(f"step {step}: the checkpoint could not be written ({e.strerror or e}); "
-                           f"{self.kept()}") from None
+                raise CheckpointError(f"step {step}: the checkpoint could not be written "
+                                      f"({e.strerror or e}); {self.kept()}") from None
         self.saved = step
 
     def kept(self):

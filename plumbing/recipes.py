@@ -101,7 +101,7 @@ RECIPES = {
                 # two shapes, with pictures." (data.instruction_example), beside its questions
                 # and the score on every 2nd step here too: VALIDATION after III, seeds 0-2, drawing
                 # 0.97 / 0.94 / 1.00 -> 1.00 / 0.97 / 1.00, VQA all 0.82 / 0.85 / 0.84 -> 0.81 / 0.85 /
-                # 0.84, III 4.2 steps/s, not 3.6-3.9 (docs/log.md, 2026-12-07, sixteenth session)
+                # 0.84; III 3.7 -> 4.7 steps/s, runs interleaved (docs/log.md, 2026-12-07, sixteenth session)
                 "III": dict(lr=1e-4, anchor_weight=10.0, score_every=2,
                             mix=["vqa", "instruct", "vqa", "t2i", "i2t", "opening"])},
     ),
