@@ -478,7 +478,7 @@ def parse_args(argv=None):
     loss.add_argument("--diffusion-weight", type=float, help="lambda on the diffusion loss")
     loss.add_argument("--score-every", type=int, help="the diffusion loss on every k-th step only, "
                       "weighted k; the other terms on each (default: the stage's where the "
-                      "alignment trains beside the score, toy I-creation and II: 2; else 1)")
+                      "alignment trains beside the score, toy I-creation, II, III: 2; else 1)")
     loss.add_argument("--lm-weight", type=float, help="weight of the LM cross-entropy")
     loss.add_argument("--anchor-weight", type=float, help="weight of the anchor: the MSE of each "
                       "pair written's condition to the one the stage began with (ours; toy II, III: 10)")
