@@ -117,15 +117,16 @@ def train(args):
         flips = [flip and random.Random(f"{args.seed}/flip/{e}/{j}").random() < 0.5 for e, j in dreamt]
         batch = model.collate(examples, diffusion=weights["diffusion"] > 0 and scored, flips=flips)
         batch["pairs"] = [k for k, (*_, layout, _) in enumerate(examples) if layout == "t2i"]
-        if weights["anchor"] > 0:  # the anchor holds a pair to its own condition at the stage's
-            # start, an opening ("Here is X. <image>") to its bare caption's ("X <image>")
-            held = [(data.unframe(examples[k][0]), examples[k][1], "t2i", "") for k in batch["pairs"]]
-            if any(h[0] != examples[k][0] for h, k in zip(held, batch["pairs"])):
+        # an opening ("Here is X. <image>") is held and aligned as its bare caption ("X <image>"):
+        # the toy SD draws held-out pairs from E(X) 64 of 64 times, from E("Here is X.") 50
+        bare = [data.unframe(examples[k][0]) for k in batch["pairs"]]
+        if weights["anchor"] > 0:  # the anchor holds a pair to its own condition at the stage's start
+            if any(b != examples[k][0] for b, k in zip(bare, batch["pairs"])):
+                held = [(b, examples[k][1], "t2i", "") for b, k in zip(bare, batch["pairs"])]
                 batch["held_ids"] = model.collate(held, diffusion=False)["input_ids"]
         if weights["align"] > 0 and batch["pairs"]:  # what the alignment regresses pairs onto
             slots = pair_slots(model, batch["input_ids"], batch["pairs"])
-            batch["captions"] = slots, [examples[k][0].split(data.IMAGE_TOKEN)[0].strip()
-                                        for k in batch["pairs"]]
+            batch["captions"] = slots, [b.split(data.IMAGE_TOKEN)[0].strip() for b in bare]
         if "vae_pixels" in batch:
             gens = {e: torch.Generator().manual_seed(args.seed * 2**32 + e) for e, _ in dreamt}
             batch["draws"] = model.draw_noise([gens[e] for e, _ in dreamt])

@@ -94,7 +94,11 @@ RECIPES = {
                 # which the anchor holds to their bare caption's condition (data.unframe): stage I
                 # aligned only bare captions, and after "Here is ..." the queries' states are not
                 # theirs. Documents' pictures after III 0.17 / 0.04 / 0.21 / 0.29 -> 0.58 / 0.71 /
-                # 0.88 / 0.75 (seeds 0-3, one thread; docs/log.md, 2026-11-29: documents); drawing, VQA as they were
+                # 0.88 / 0.75 (seeds 0-3, one thread; docs/log.md, 2026-11-29: documents); drawing, VQA as they were.
+                # The alignment too regresses an opening onto E(its bare caption) (train.py), not
+                # E("Here is ..."), which the toy SD draws held-out pairs from 50 times in 64, not 64:
+                # VALIDATION after III, seeds 0-2, the picture asked for 0.79 / 0.75 / 0.79 -> 1.00 /
+                # 1.00 / 0.92 (docs/log.md, 2026-12-07, eighteenth session)
                 "II": dict(lr=1e-4, anchor_weight=10.0, score_every=2,
                            mix=["document", "t2i", "i2t", "opening"]),
                 # SFT on the shapes world's instructions too: "Draw a red circle.", "Write about

@@ -588,3 +588,19 @@ def test_the_anchor_holds_a_documents_opening_to_its_bare_captions_condition(tmp
     bare = conditions(first, [data.unframe(t) for t in openings])  # what the anchor holds them to
     before, after = conditions(first, openings), conditions(tmp_path / "II", openings)
     assert (after - bare).pow(2).mean() < 0.5 * (before - bare).pow(2).mean()
+
+
+def test_the_alignment_regresses_an_opening_onto_its_bare_captions_text_states(tmp_path, monkeypatch):
+    # GILL's alignment on openings ("Here is X. <image>") takes E("X"), what the toy SD was trained
+    # on, not E("Here is X."); a bare pair's caption as it is
+    asked = []
+    text_states = dreamllm.DreamLLM.text_states
+    monkeypatch.setattr(dreamllm.DreamLLM, "text_states",
+                        lambda self, captions: asked.append(list(captions)) or text_states(self, captions))
+    train.main(FAST + ["--preset", "tiny-text", "--objective", "align", "--bridge", "mapper",
+                       "--stage", "II", "--steps", "2", "--mix", "opening,t2i",
+                       "--out", str(tmp_path / "II")])
+    texts = [data.example(kind, 0, e)[0] for e, kind in enumerate(["opening", "t2i"] * 2)]
+    want = [data.unframe(t).split(data.IMAGE_TOKEN)[0].strip() for t in texts]
+    assert want[0] != texts[0].split(data.IMAGE_TOKEN)[0].strip()  # an opening, unframed
+    assert [c for batch in asked for c in batch if c] == want
