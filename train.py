@@ -120,10 +120,10 @@ def train(args):
         # an opening ("Here is X. <image>") is held and aligned as its bare caption ("X <image>"):
         # the toy SD draws held-out pairs from E(X) 64 of 64 times, from E("Here is X.") 50
         bare = [data.unframe(examples[k][0]) for k in batch["pairs"]]
-        if weights["anchor"] > 0:  # the anchor holds a pair to its own condition at the stage's start
-            if any(b != examples[k][0] for b, k in zip(bare, batch["pairs"])):
-                held = [(b, examples[k][1], "t2i", "") for b, k in zip(bare, batch["pairs"])]
-                batch["held_ids"] = model.collate(held, diffusion=False)["input_ids"]
+        # the anchor holds a pair to its own condition at the stage's start (its bare caption's)
+        if weights["anchor"] > 0 and bare != [examples[k][0] for k in batch["pairs"]]:
+            held = [(b, examples[k][1], "t2i", "") for b, k in zip(bare, batch["pairs"])]
+            batch["held_ids"] = model.collate(held, diffusion=False)["input_ids"]
         if weights["align"] > 0 and batch["pairs"]:  # what the alignment regresses pairs onto
             slots = pair_slots(model, batch["input_ids"], batch["pairs"])
             batch["captions"] = slots, [b.split(data.IMAGE_TOKEN)[0].strip() for b in bare]
