@@ -159,9 +159,16 @@ def short_caption(scene):
 FIRST = ("Here is {}.", "This picture shows {}.", "Look at {}.", "Let me draw {}.")
 NEXT = ("Beside it sits {}.", "Next comes {}.", "The next picture shows {}.", "And here is {}.")
 AFTER = ("This is {}.", "In this picture there is {}.", "It shows {}.")
-# what text after a picture says about one of its shapes
+# what text after a picture says about one of its shapes: the world's text, the toy LLM's corpus
 BACK = ("It is a {color} {shape}.", "The {color} {shape} is {size}.", "The {shape} is {color}.",
         "That {shape} is {position}.")
+# ... and DreamLLM's training documents: its colour or its shape, never the two together, as
+# training's questions name a shape (_question). Training shows training's pairs only, and there
+# "The blue" is always followed by "circle" or "square": after a held-out blue triangle, drawn and
+# named right, the model wrote "The blue circle is large." (8 of seed 1's 15 false statements).
+# Chosen on VALIDATION (docs/log.md, 2026-12-07, nineteenth session).
+TRAINING_BACK = ("It is {color}.", "The {color} one is {size}.", "It is a {shape}.",
+                 "That {shape} is {position}.")
 
 
 def _question(scene, rng, training=False):
@@ -213,18 +220,20 @@ def caption_example(seed, i, split="train"):
     return caption(scene, rng), scene
 
 
-def document_example(seed, i, split="train", back=True):
+def document_example(seed, i, split="train", back=True, training=False):
     """(text with one IMAGE_TOKEN per image, [Scene] * 1-3) number i of the document stream. An image
     is either described before it (the model learns to write it) or after it (to read it); with `back`,
-    the text after it often refers back to it, what DreamLLM reads a written image for."""
+    the text after it often refers back to it, what DreamLLM reads a written image for: as the
+    world's text says it (BACK), or as DreamLLM's training documents do (training: TRAINING_BACK)."""
     # the back references draw from a generator of their own: without them (back=False), the same documents
     rng, refer = _rng(seed, split, "document", i), _rng(seed, split, "back", i)
     scenes = [random_scene(rng, split) for _ in range(rng.randint(1, 3))]
     parts = ["Let us look at some shapes."] if len(scenes) > 1 and rng.random() < 0.3 else []
+    forms = TRAINING_BACK if training else BACK
     for j, scene in enumerate(scenes):
         said, s = caption(scene, rng), refer.choice(scene.shapes)
-        # the picture, then (7 times in 10) a sentence about one of its shapes, e.g. "The circle is purple."
-        image = [IMAGE_TOKEN] + ([refer.choice(BACK).format(**vars(s))] if back and refer.random() < 0.7 else [])
+        # the picture, then (7 times in 10) a sentence about one of its shapes, e.g. "It is purple."
+        image = [IMAGE_TOKEN] + ([refer.choice(forms).format(**vars(s))] if back and refer.random() < 0.7 else [])
         if rng.random() < 0.6:
             parts += [rng.choice(NEXT if j else FIRST).format(said), *image]
         else:
@@ -256,13 +265,13 @@ def instruction_example(seed, i, split="train"):
         scene = random_scene(rng, split)
         s = rng.choice(scene.shapes)
         return (rng.choice(DRAW).format(caption(scene, rng)),
-                f" {IMAGE_TOKEN} {rng.choice(BACK).format(**vars(s))}", [scene])
+                f" {IMAGE_TOKEN} {rng.choice(TRAINING_BACK).format(**vars(s))}", [scene])
     scenes = [random_scene(rng, split, n_shapes=1) for _ in range(rng.randint(2, 3))]
     parts = []
     for j, scene in enumerate(scenes):
         s = scene.shapes[0]
         parts += [rng.choice(NEXT if j else FIRST).format(caption(scene, rng)), IMAGE_TOKEN]
-        parts += [rng.choice(BACK).format(**vars(s))] if rng.random() < 0.7 else []
+        parts += [rng.choice(TRAINING_BACK).format(**vars(s))] if rng.random() < 0.7 else []
     return WRITE.format(NUMBERS[len(scenes)]), " " + " ".join(parts), scenes
 
 
@@ -291,7 +300,7 @@ def example(kind, seed, i, split="train"):
         instruction, reply, scenes = instruction_example(seed, i, split)
         return instruction, [draw(s) for s in scenes], "instruct", reply
     if kind == "document":
-        text, scenes = document_example(seed, i, split)
+        text, scenes = document_example(seed, i, split, training=True)
         return text, [draw(s) for s in scenes], "document", ""
     if kind == "vqa":  # named as training names them (_question; docs/log.md, 2026-12-05, fourth session)
         scene, question, answer = question_example(seed, i, split, training=True)

@@ -75,7 +75,7 @@ def test_parse_caption_reads_every_form():
         for template in data.FIRST + data.NEXT + data.AFTER:  # "Here is {}." and the like
             assert judge.parse_caption(template.format(text)) == claims, template
     s = scene.shapes[1]
-    for template in data.BACK:  # "The {shape} is {color}." names what it formats
+    for template in data.BACK + data.TRAINING_BACK:  # "The {shape} is {color}." names what it formats
         keys = re.findall(r"{(\w+)}", template)
         assert judge.parse_caption(template.format(**vars(s))) == [{k: getattr(s, k) for k in keys}]
     assert judge.parse_caption("It is a blue triangle.") == [dict(color="blue", shape="triangle")]
