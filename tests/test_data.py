@@ -162,11 +162,18 @@ def test_documents_have_one_placeholder_per_image():
         assert all(im.size == (data.IMAGE_SIZE,) * 2 and im.mode == "RGB" for im in images)
 
 
+# every shape the world can show, and the sentence right after a picture of a document
+WORLD = [data.Shape(*k) for k in itertools.product(data.COLORS, data.SHAPES, data.SIZES, data.POSITIONS)]
+
+
+def first_sentence(after):
+    return after.strip().split(". ")[0].rstrip(".") + "."
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_text_after_an_image_often_refers_back_to_it_and_truly(training):
-    world = [data.Shape(*k) for k in itertools.product(data.COLORS, data.SHAPES, data.SIZES, data.POSITIONS)]
     forms = data.TRAINING_BACK if training else data.BACK
-    any_back = {b.format(**vars(s)) for s in world for b in forms}  # every such sentence about any shape
+    any_back = {b.format(**vars(s)) for s in WORLD for b in forms}  # every such sentence about any shape
     images = referred = 0
     for i in range(N):
         text, scenes = data.document_example(0, i, training=training)
@@ -174,26 +181,25 @@ def test_text_after_an_image_often_refers_back_to_it_and_truly(training):
         assert plain_scenes == scenes  # without them: the same documents
         afters = zip(text.split(data.IMAGE_TOKEN)[1:], plain.split(data.IMAGE_TOKEN)[1:])
         for scene, (after, plain_after) in zip(scenes, afters):
-            first = after.strip().split(". ")[0].rstrip(".") + "."  # the sentence right after the image
+            first = first_sentence(after)
             true = {b.format(**vars(s)) for s in scene.shapes for b in forms}
             images += 1
             referred += first in any_back
             assert first not in any_back or first in true, (text, first)
-            assert plain_after.strip().split(". ")[0].rstrip(".") + "." not in any_back
+            assert first_sentence(plain_after) not in any_back
     assert 0.6 < referred / images < 0.8, referred / images  # 7 images in 10
 
 
 def test_training_documents_never_say_a_colour_with_its_shape_after_a_picture():
     # training's pairs only: "The blue circle is large." would teach "blue" to predict the shape
-    world = [data.Shape(*k) for k in itertools.product(data.COLORS, data.SHAPES, data.SIZES, data.POSITIONS)]
-    paired = {b.format(**vars(s)) for s in world for b in data.BACK if "{color}" in b and "{shape}" in b}
-    backs = {b.format(**vars(s)) for s in world for b in data.TRAINING_BACK}
+    paired = {b.format(**vars(s)) for s in WORLD for b in data.BACK if "{color}" in b and "{shape}" in b}
+    backs = {b.format(**vars(s)) for s in WORLD for b in data.TRAINING_BACK}
     said = []
     for i in range(N):
         document = data.example("document", 0, i)[0]
         reply = data.example("instruct", 0, i)[3]
         for after in document.split(data.IMAGE_TOKEN)[1:] + reply.split(data.IMAGE_TOKEN)[1:]:
-            first = after.strip().split(". ")[0].rstrip(".") + "."
+            first = first_sentence(after)
             assert first not in paired, first
             said += [first] if first in backs else []
     claims = [c for s in said for c in judge.parse_caption(s)]
