@@ -116,6 +116,16 @@ def draw(scene, size=IMAGE_SIZE, supersample=4):
     return img.reduce(supersample)
 
 
+def nearest_shapes(scene, grid):
+    """-> [grid * grid] the index (in scene.shapes) of the shape whose centre is nearest each cell of
+    the picture cut into grid x grid, row-major as a ViT orders its patches: which shape a patch
+    belongs to."""
+    centres = [(POSITIONS[s.position][0] + s.dx, POSITIONS[s.position][1] + s.dy) for s in scene.shapes]
+    cell = IMAGE_SIZE / grid
+    return [min(range(len(centres)), key=lambda k: (x - centres[k][0]) ** 2 + (y - centres[k][1]) ** 2)
+            for y, x in itertools.product(((i + 0.5) * cell for i in range(grid)), repeat=2)]
+
+
 FIELDS = {"colour": "color", "shape": "shape", "place": "position"}  # what a twin swaps
 VALUES = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}  # each field's
 

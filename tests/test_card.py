@@ -19,7 +19,7 @@ BOUND = [(c, s, p) for c in COLOURS for s in SHAPES for p in PLACES]  # 90 conju
 @pytest.fixture
 def small(monkeypatch):
     monkeypatch.setattr(card, "SIZES", dict(back=60, swaps=60, zero_shot=60, probe_fit=300, probe_test=100,
-                                            singles=3, twos=6, per_two=2))
+                                            patches_fit=40, patches_test=30, singles=3, twos=6, per_two=2))
 
 
 def binding_embedding(shapes):  # [(colour, shape, place)] -> one-hot of each conjunction, summed
@@ -107,6 +107,27 @@ def test_the_probe_carries_factored_features_to_held_out_pairs_and_not_tied_ones
     assert sum(right["colour"]) < 50 and sum(right["shape"]) < 50 and all(right["place"])
 
 
+def test_patches_are_read_where_each_holds_its_own_shape_and_not_where_each_holds_the_scene(small):
+    def features(own):  # images -> (n, 64, d): each patch its nearest shape's colour, shape, place, or all the scene's
+        def one_hot(x):
+            v = torch.zeros(len(WORDS))
+            v[WORDS.index(x.color)] = v[WORDS.index(x.shape)] = v[WORDS.index(x.position)] = 1
+            return v
+        def f(images):
+            rows = []
+            for im in images:
+                scene = data.Scene(tuple(judge.analyse_scene(im)))  # as drawn, jitter too
+                codes = torch.stack([one_hot(x) for x in scene.shapes])  # (2, d)
+                rows.append(codes[data.nearest_shapes(scene, 8)] if own else codes.sum(0).expand(64, -1))
+            return torch.stack(rows)
+        return f
+    right = card.probe_patches(features(own=True))
+    assert all(all(r) for r in right.values()) and len(right["place"]) == 2 * card.SIZES["patches_test"]
+    right = card.probe_patches(features(own=False))
+    # every patch alike: both shapes get one answer, and two shapes never share a place
+    assert sum(right["place"]) <= len(right["place"]) / 2
+
+
 def asked(prompt):  # what a prompt asks, as a scene: "a red circle on the left and ..."
     claims = judge.parse_caption(prompt)
     return data.Scene(tuple(data.Shape(c["color"], c["shape"], "small", c.get("position", "in the middle"))
@@ -173,7 +194,8 @@ def test_card_flag_measures_the_committed_backbones_and_writes_card_json(small, 
     assert report["other"] == 1 and report["llm"]["seed"] == report["clip"]["seed"] == report["sd"]["seed"] == card.SEED
     rows = report["llm"]["rows"] + report["clip"]["rows"] + report["sd"]["rows"]
     names = [r["name"] for r in rows]
-    assert len(names) == 18 and "clip: true caption over its colour-swapped twin" in names
+    assert len(names) == 21 and "clip: true caption over its colour-swapped twin" in names
+    assert "clip: read layer's patches, two held-out shapes, place" in names
     assert "clip: the same probe of the patch embeddings, shape" in names and "llm: pictures counted" in names
     for r in rows:
         assert 0 <= r["low"] <= r["value"] <= r["high"] + 1e-9 <= 1 + 1e-9 and r["n"] > 0
@@ -201,16 +223,18 @@ def test_train_toy_trains_a_tokenizer_and_an_llm_that_loads_and_learns(tmp_path,
     assert [r["name"] for r in json.loads((out / "card.json").read_text())["llm"]["rows"]][-1] == "llm: pictures counted"
 
 
-def test_patch_codes_give_every_patch_the_colour_and_shape_of_the_nearest_shape():
+def test_patch_codes_give_every_patch_the_colour_shape_and_place_of_the_nearest_shape():
     scene = data.Scene((data.Shape("red", "circle", "small", "on the left"),
                         data.Shape("blue", "triangle", "large", "on the right", dx=2)))
     codes = train_toy.patch_codes(scene, patch=8)  # 64 / 8: an 8 x 8 grid, row-major
-    assert codes.shape == (64, len(COLOURS) + len(SHAPES))
+    assert codes.shape == (64, len(COLOURS) + len(SHAPES) + len(PLACES))
     grid = codes.view(8, 8, -1)
-    red_circle = torch.zeros(9)
+    red_circle = torch.zeros(14)
     red_circle[COLOURS.index("red")] = red_circle[6 + SHAPES.index("circle")] = 1
-    blue_triangle = torch.zeros(9)
+    red_circle[9 + PLACES.index("on the left")] = 1
+    blue_triangle = torch.zeros(14)
     blue_triangle[COLOURS.index("blue")] = blue_triangle[6 + SHAPES.index("triangle")] = 1
+    blue_triangle[9 + PLACES.index("on the right")] = 1
     # centres at x 16 and 50: columns 0-3 (x up to 32) are nearer the circle, 4-7 the triangle, every row
     assert (grid[:, :4] == red_circle).all() and (grid[:, 4:] == blue_triangle).all()
     top_bottom = data.Scene((data.Shape("green", "square", "small", "at the top"),

@@ -18,6 +18,10 @@ and 95% Wilson interval (benchmark.row):
                    embedded and layer-normed, before any block): what this reader makes of the
                    pixels themselves, beside what it makes of the read layer (not a bound: the
                    tower can carry colour to held-out pairs better than the pixels do)
+  clip: patches    two shapes of held-out pairs in one picture, each read off its own patches of the
+                   read layer (a linear probe of single patches, fitted on training's pairs, each
+                   patch labelled by its nearest shape; the majority of a shape's patches): can a
+                   reader pick one of two shapes and read it, or does every patch hold the scene?
   llm              "Here is a red circle. <image> The circle is" -> "red" (of the six colours), after
                    one- and two-shape captions; "... <image> That makes" -> the pictures' count:
                    does it look back at what it was told, or only at the last few words?
@@ -37,7 +41,8 @@ from shapes import benchmark, data, judge
 from tools import probe
 
 SEED = 777  # the card's scenes; train_toy's parts draw theirs from --seed (0) and its neighbours
-SIZES = dict(back=300, swaps=400, zero_shot=450, probe_fit=2000, probe_test=500, singles=120, twos=32, per_two=4)
+SIZES = dict(back=300, swaps=400, zero_shot=450, probe_fit=2000, probe_test=500, patches_fit=300,
+             patches_test=200, singles=120, twos=32, per_two=4)
 # singles: 120 pictures of each of the 4 held-out prompts, N 480; at N 96 a row of 0.97 has the interval
 # [0.91, 0.99] and cannot say whether the UNet meets its 0.97 (docs/log.md, 2026-12-06, tenth session)
 # the probe's fit, chosen on data.VALIDATION's pairs (fitted on training's, never on HELD_OUT's):
@@ -97,6 +102,27 @@ def probe_held_out(patch_features):
     return rights
 
 
+def probe_patches(patch_features):
+    # -> {"colour": [bool], ...}: linear probes of single patches (images -> (n, N, width)), each
+    # patch labelled by the shape nearest it (data.nearest_shapes), fitted on two-shape scenes of
+    # training's pairs, tested on HELD_OUT's; each shape read by the majority of its own patches:
+    # what a reader that picks one of two shapes by its patches can read of it (two per scene)
+    fit_scenes = scenes("patches-fit", SIZES["patches_fit"], "train", n_shapes=2)
+    test_scenes = scenes("patches-test", SIZES["patches_test"], "eval", n_shapes=2)
+    x_fit, x_test = (patch_features([data.draw(s) for s in group]) for group in (fit_scenes, test_scenes))
+    grid = round(x_fit.shape[1] ** 0.5)
+    owner = {id(s): torch.tensor(data.nearest_shapes(s, grid)) for s in fit_scenes + test_scenes}
+    rights = {}
+    for what, field in data.FIELDS.items():
+        classes = data.VALUES[field]
+        label = lambda s: torch.tensor([classes.index(getattr(x, field)) for x in s.shapes])[owner[id(s)]]
+        predict = probe.fit(x_fit.flatten(0, 1), torch.cat([label(s) for s in fit_scenes]), len(classes), **PROBE)
+        guesses = predict(x_test.flatten(0, 1)).view(len(test_scenes), -1)  # (scenes, N)
+        rights[what] = [guess[owner[id(s)] == k].mode().values.item() == classes.index(getattr(x, field))
+                        for s, guess in zip(test_scenes, guesses) for k, x in enumerate(s.shapes)]
+    return rights
+
+
 def clip_rows(image_embeddings, text_embeddings, patch_features, pixel_features):
     rows = [benchmark.row(f"clip: true caption over its {what}-swapped twin", r)
             for what, r in swaps(image_embeddings, text_embeddings).items()]
@@ -106,6 +132,8 @@ def clip_rows(image_embeddings, text_embeddings, patch_features, pixel_features)
              for what, r in probe_held_out(patch_features).items()]
     rows += [benchmark.row(f"clip: the same probe of the patch embeddings, {what}", r)
              for what, r in probe_held_out(pixel_features).items()]
+    rows += [benchmark.row(f"clip: read layer's patches, two held-out shapes, {what}", r)
+             for what, r in probe_patches(patch_features).items()]
     return rows
 
 

@@ -9,7 +9,7 @@ The same structure as the real world, small: a BPE tokenizer; a LLaMA pretrained
 text (Vicuna's stand-in); a CLIP trained contrastively on (caption, image) pairs (ViT-L/14's), each
 batch holding every scene's twin with two colours, shapes or places swapped (NegCLIP's hard
 negatives: without them a CLIP is a bag of words and nothing conditioned on it binds), then trained on
-so that the layer a DreamLLM reads holds each patch's colour and shape (the read part); an SD
+so that the layer a DreamLLM reads holds each patch's colour, shape and place (the read part); an SD
 VAE (4x, not 8x: 64x64x3 -> 16x16x4); and an SD-2.x-style UNet trained with the epsilon loss on
 those latents, conditioned on the toy CLIP text tower's token states exactly as SD is on its 77
 tokens. The backbones see the whole world (split="all"), as SD has seen everything; only the
@@ -211,20 +211,16 @@ def contrastive(model, images, ids):
 
 
 def patch_codes(scene, patch=CLIP.vision.patch_size):
-    # -> (N, 9): what the read part asks each patch of the read layer to hold, the one-hot colour (6)
-    # and shape (3) of the shape whose centre is nearest to the patch's centre. Every patch,
-    # background included, carries a code, at full strength whatever the shape covers of it: as many
-    # copies of each code as the layer can hold (docs/log.md, 2026-12-06, eleventh session).
-    n = data.IMAGE_SIZE // patch
-    centres = torch.tensor([[data.POSITIONS[s.position][0] + s.dx, data.POSITIONS[s.position][1] + s.dy]
-                            for s in scene.shapes], dtype=torch.float)  # (shapes, 2) as (x, y)
-    y, x = torch.meshgrid((torch.arange(n) + 0.5) * patch, (torch.arange(n) + 0.5) * patch, indexing="ij")
-    patches = torch.stack([x.flatten(), y.flatten()], 1)  # (N, 2), row-major as the ViT orders them
-    nearest = torch.cdist(patches, centres).argmin(1)  # (N,)
-    codes = torch.stack([torch.cat([F.one_hot(torch.tensor(list(data.COLORS).index(s.color)), len(data.COLORS)),
-                                    F.one_hot(torch.tensor(data.SHAPES.index(s.shape)), len(data.SHAPES))])
-                         for s in scene.shapes]).float()  # (shapes, 9)
-    return codes[nearest]
+    # -> (N, 14): what the read part asks each patch of the read layer to hold, the one-hot colour
+    # (6), shape (3) and place (5) of the shape whose centre is nearest to the patch's centre. Every
+    # patch, background included, carries a code, at full strength whatever the shape covers of it:
+    # as many copies of each code as the layer can hold (docs/log.md, 2026-12-06, eleventh session).
+    # The place too, so that a reader can pick one of two shapes by its place or read where one is
+    # (docs/log.md, 2026-12-07, twentieth session).
+    codes = torch.stack([torch.cat([F.one_hot(torch.tensor(data.VALUES[field].index(getattr(s, field))),
+                                              len(data.VALUES[field])) for field in data.FIELDS.values()])
+                         for s in scene.shapes]).float()  # (shapes, 14)
+    return codes[data.nearest_shapes(scene, data.IMAGE_SIZE // patch)]
 
 
 # ------------------------------------------------------------------------------------------- the parts
@@ -329,8 +325,8 @@ def train_clip(args, out, device, pool):
 
 
 def train_read(args, out, device, pool):
-    # The CLIP trained on, so that the layer a DreamLLM reads holds each patch's colour and shape where
-    # a linear reader can carry them to pairs it never saw (the card's probe rows): a linear head on
+    # The CLIP trained on, so that the layer a DreamLLM reads holds each patch's colour, shape and place
+    # where a linear reader can carry them to pairs it never saw (the card's probe rows): a linear head on
     # every patch of the read layer regresses patch_codes() by squared error, beside the twin InfoNCE
     # that keeps the towers aligned. A squared error keeps pulling every patch to its code; a
     # cross-entropy stops once a patch is classified (docs/log.md, 2026-12-06). The text tower is
@@ -341,7 +337,7 @@ def train_read(args, out, device, pool):
     model = clip.load(out / "clip", device=device).train()
     for frozen in (model.text_model, model.text_projection):
         frozen.requires_grad_(False)
-    head = torch.nn.Linear(model.config.vision.width, len(data.COLORS) + len(data.SHAPES)).to(device)
+    head = torch.nn.Linear(model.config.vision.width, sum(map(len, data.VALUES.values()))).to(device)
     read = {}  # the read layer's output, caught on the way through encode_image: (B, 1 + N, width)
     n_layers = READ_LAYER % (model.config.vision.n_layers + 1)  # HF numbering: 0 is the embeddings
     model.vision_model.encoder.layers[n_layers - 1].register_forward_hook(lambda m, i, o: read.update(x=o))
@@ -350,7 +346,7 @@ def train_read(args, out, device, pool):
     def loss_fn(i):
         images, ids, scenes = twin_batch(pool, tok, r["batch"], g, random.Random(f"{args.seed}/read/{i}"), device)
         loss = contrastive(model, images, ids)
-        codes = torch.stack([patch_codes(s) for s in scenes]).to(device)  # (B, N, 9)
+        codes = torch.stack([patch_codes(s) for s in scenes]).to(device)  # (B, N, 14)
         code_loss = ((head(read["x"][:, 1:].float()) - codes) ** 2).sum(-1).mean()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
