@@ -111,15 +111,18 @@ def probe_patches(patch_features):
     test_scenes = scenes("patches-test", SIZES["patches_test"], "eval", n_shapes=2)
     x_fit, x_test = (patch_features([data.draw(s) for s in group]) for group in (fit_scenes, test_scenes))
     grid = round(x_fit.shape[1] ** 0.5)
-    owner = {id(s): torch.tensor(data.nearest_shapes(s, grid)) for s in fit_scenes + test_scenes}
+    owners_fit, owners_test = ([torch.tensor(data.nearest_shapes(s, grid)) for s in group]
+                               for group in (fit_scenes, test_scenes))  # each (N,): a patch's shape
     rights = {}
     for what, field in data.FIELDS.items():
         classes = data.VALUES[field]
-        label = lambda s: torch.tensor([classes.index(getattr(x, field)) for x in s.shapes])[owner[id(s)]]
-        predict = probe.fit(x_fit.flatten(0, 1), torch.cat([label(s) for s in fit_scenes]), len(classes), **PROBE)
+        labels = torch.cat([torch.tensor([classes.index(getattr(x, field)) for x in s.shapes])[owner]
+                            for s, owner in zip(fit_scenes, owners_fit)])  # each fitted patch's class
+        predict = probe.fit(x_fit.flatten(0, 1), labels, len(classes), **PROBE)
         guesses = predict(x_test.flatten(0, 1)).view(len(test_scenes), -1)  # (scenes, N)
-        rights[what] = [guess[owner[id(s)] == k].mode().values.item() == classes.index(getattr(x, field))
-                        for s, guess in zip(test_scenes, guesses) for k, x in enumerate(s.shapes)]
+        rights[what] = [guess[owner == k].mode().values.item() == classes.index(getattr(x, field))
+                        for s, owner, guess in zip(test_scenes, owners_test, guesses)
+                        for k, x in enumerate(s.shapes)]
     return rights
 
 
