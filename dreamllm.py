@@ -620,7 +620,7 @@ PRESETS = {
     "tiny-text": dict(llm="tiny", clip="clip-tiny", sd="tiny",
                       config=DreamConfig(n_queries=8, image_size=64)),
     # the shapes world's own pretrained backbones, loaded from weights/toy/ (made by
-    # python -m weights.train_toy): a 4-layer LLaMA (dim 192), a 64 px CLIP (64 patches), a 4x VAE
+    # python -m weights.train_toy): a 4-layer LLaMA (dim 192), a 64 px CLIP (16 patches), a 4x VAE
     # and a UNet with a 128-wide context
     "toy": dict(folder=Path(__file__).resolve().parent / "weights" / "toy",
                 config=DreamConfig(n_queries=8, image_size=64)),

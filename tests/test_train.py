@@ -320,7 +320,7 @@ def test_prompts_are_laid_out_as_in_training(monkeypatch):
 @pytest.mark.skipif(not (ROOT / "weights" / "toy" / "unet" / "config.json").is_file(), reason="no toy weights yet")
 def test_toy_preset_loads():
     m = dreamllm.build("toy")
-    assert m.config.image_size == 64 and m.n_patches == 64
+    assert m.config.image_size == 64 and m.n_patches == 16
     assert m.tokenizer.token_to_id("<image>") == m.token_id["<image>"] < m.n_text_vocab
     assert m.text_to_image("a red circle", steps=2, progress=False)[0].size == (64, 64)
 
