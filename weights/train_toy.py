@@ -194,9 +194,9 @@ def twin_captions(scene, other, field, rng):
 
 
 def twin_batch(pool, tok, batch, g, rng, device):
-    # -> (uint8 images (B, 3, 64, 64), caption ids (B, TEXT_LEN), their scenes): B/2 scenes of the pool
-    # and their twins (twin()), drawn now, so that every scene's hardest negative, image and caption,
-    # is in its own batch (NegCLIP's hard negatives, on both sides)
+    # -> (uint8 images (B, 3, 64, 64), caption ids (B, <= TEXT_LEN), their scenes): B/2 scenes of the
+    # pool and their twins (twin()), drawn now, so that every scene's hardest negative, image and
+    # caption, is in its own batch (NegCLIP's hard negatives, on both sides)
     idx = torch.randint(len(pool.scenes), (batch // 2,), generator=g).tolist()
     twins = [twin(pool.scenes[j], rng) for j in idx]
     texts = [twin_captions(pool.scenes[j], t, field, rng) for j, (t, field) in zip(idx, twins)]
