@@ -42,6 +42,8 @@ SPECIAL_TOKENS = ["<image>", "<im_patch>", "<im_start>", "<im_end>", "<dream>", 
                   "<dream_end>"]
 # DreamConfig's choices
 OBJECTIVES, BRIDGES, LM_MEANS = ("score", "align", "both"), ("projector", "mapper"), ("token", "example")
+# what a training stage may train (trainable_groups); CLIP, the VAE and the UNet are in none
+GROUPS = ("dream_queries", "condition_projector", "visual_projector", "new_tokens", "llm")
 # How an example of each kind is laid out, as the official data builder does (omni/data/builders/
 # builder_dreamllm.py): what each <image> of the text and of the reply becomes (a dream slot, a read
 # slot, or both: create it, then read it back), and which text carries LM labels ("text": all of it,
@@ -470,8 +472,7 @@ class DreamLLM(nn.Module):
         return self.condition(negative)
 
     def trainable_groups(self):
-        # what a training stage may choose to train; CLIP, the VAE and the UNet are in none.
-        # "new_tokens" holds whole matrices (shared with "llm"): a trainer masks their gradient to
+        # GROUPS, each a list of parameters. "new_tokens" holds whole matrices (shared with "llm"): a trainer masks their gradient to
         # the rows >= n_text_vocab when it trains them without the LLM. The condition's bridge is
         # one group: the projector, and the mapper after it where the model has one.
         emb, head = self.llm.model.embed_tokens.weight, self.llm.lm_head.weight

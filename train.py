@@ -44,7 +44,7 @@ from plumbing.recipes import CURRICULA, DEFAULT_PRESET, STAGES, cycle, recipe, s
 from plumbing.whitening import Whitening
 from shapes import data
 
-PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight",
+PER_STAGE = ("steps", "groups", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_weight",
              "anchor_weight", "score_every", "stop_after")
 
 
@@ -52,7 +52,7 @@ PER_STAGE = ("steps", "lr", "warmup", "init", "mix", "lm_weight", "diffusion_wei
 DREAM_FLAGS = ("target", "min_snr_gamma", "cond_dropout", "dropout_null", "lm_mean", "objective",
                "align_weight", "align_distance", "bridge", "n_queries")
 # the arguments that define a run: --resume refuses to change them
-RUN_ARGS = ("preset", "stage", "seed", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
+RUN_ARGS = ("preset", "stage", "seed", "groups", "batch_size", "grad_accum", "lr", "warmup", "weight_decay",
             "data", "mix", "init", "diffusion_weight", "lm_weight", "anchor_weight", "score_every",
             "whiten", *DREAM_FLAGS)
 
@@ -322,6 +322,8 @@ def example_source(args, stage):
 def open_run(args):
     # -> (the checkpoint to continue or None, the run's folder, the stage); refuses what loses work
     stage, out = stage_of(args), Path(args.out or f"out/{args.preset}-{args.stage}")
+    if args.groups:  # what trains, given: e.g. the official I-creation's, the LLM frozen
+        stage = stage | dict(groups=args.groups.split(","))
     args.given = {k: v for k, v in vars(args).items() if k not in ("given", "recipe")}  # saved;
     args.recipe = stage_recipe(args)  # both compared when a run is continued or skipped as done
     args.lr = stage["lr"] if args.lr is None else args.lr
@@ -446,13 +448,14 @@ def parse_args(argv=None):
     p.add_argument("--stop-after", type=int, help="checkpoint and exit after this step, as an interruption would")
     p.add_argument("--batch-size", type=int, default=8, help="documents per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--groups", help="what trains, e.g. 'dream_queries,condition_projector' (the "
+                   f"official I-creation's) (default: the stage's; groups: {', '.join(dreamllm.GROUPS)})")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default: the recipe's warmup_ratio of --steps: the official 0.3%%, the toy's 1/30)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, on weight matrices only")
     p.add_argument("--whiten", action=argparse.BooleanOptionalAction,
                    help="train the condition projector in whitened coordinates, a trick of ours "
-                   "(plumbing/whitening.py; stages with the LLM frozen; default: the preset's recipe, on "
-                   "for toy)")
+                   "(plumbing/whitening.py; stages with the LLM frozen; default: the preset's recipe, off)")
     p.add_argument("--device", default="auto", help="auto: cuda (bf16 autocast), else mps, else cpu (fp32)")
     p.add_argument("--out", help="the run's folder (default: out/<preset>-<stage>; --stage all: "
                    "out/<preset>, a folder per stage)")
@@ -503,6 +506,8 @@ def parse_args(argv=None):
                  "n_queries", "score_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.groups is not None and (bad := [g for g in args.groups.split(",") if g not in dreamllm.GROUPS]):
+        p.error(f"--groups: unknown group {bad[0]!r} (have {', '.join(dreamllm.GROUPS)})")
     checks = [("lr", lambda v: 0 < v <= 1, "a learning rate in (0, 1]"),
               ("warmup", lambda v: v >= 0, ">= 0"),
               ("weight_decay", lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -1,6 +1,8 @@
 """A trick of this project, not of the paper: the condition projector trained in whitened
 coordinates.
-Opt-in (train.py --whiten); the shapes world's recipe turns it on by name (recipes.py's RECIPES).
+Opt-in (train.py --whiten), in a stage that freezes the LLM. The shapes world's recipe used it
+until its I-creation trained the LLM too (recipes.py's RECIPES; docs/log.md, 2026-12-07,
+twenty-third session); tools/exercises' `whitening` experiment compares the two.
 
 What: AdamW steps W' and the projector is W = W' Z, with Z = (E[h h^T] + eps)^(-1/2) over the dream
 queries' states h after the run's first prompts, measured once at the start, with the LLM frozen.

@@ -44,7 +44,7 @@ def one_line(main, argv, capsys, code=1):
     (["--warmup", "-5"], "--warmup"), (["--stop-after", "0"], "--stop-after"),
     (["--cond-dropout", "2"], "--cond-dropout"), (["--min-snr-gamma", "-1"], "--min-snr-gamma"),
     (["--diffusion-weight", "inf"], "--diffusion-weight"), (["--weight-decay", "-0.1"], "--weight-decay"),
-    (["--anchor-weight", "-1"], "--anchor-weight")])
+    (["--anchor-weight", "-1"], "--anchor-weight"), (["--groups", "llm,unet"], "unknown group 'unet'")])
 def test_train_flags_out_of_range(flags, says, tmp_path, capsys):
     line = one_line(train.main, FAST + flags + ["--out", str(tmp_path / "run")], capsys, code=2)
     assert says in line

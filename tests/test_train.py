@@ -112,6 +112,16 @@ def test_frozen_modules_get_no_gradient_and_stay_bit_identical(stage, tmp_path, 
     assert model.n_text_vocab < model.llm.cfg.vocab_size
 
 
+def test_groups_flag_trains_what_it_names_and_only_that(tmp_path):
+    # --groups overrides the stage's: I-creation with the LLM too (the toy's), or the queries alone
+    for groups in (["dream_queries", "condition_projector", "llm"], ["dream_queries"]):
+        out = tmp_path / "_".join(groups)
+        train.main(FAST + ["--steps", "2", "--groups", ",".join(groups), "--out", str(out)])
+        saved = {k.split(".")[0] for k in state(out)}
+        assert saved == set(groups), saved
+        assert checkpoint.read_run(out)["groups"] == groups
+
+
 def test_whitening_makes_the_projector_input_isotropic():
     model = dreamllm.build("tiny")
     w0 = model.condition_projector.weight.detach().clone()
