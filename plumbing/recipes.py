@@ -75,10 +75,10 @@ RECIPES = {
         # I-creation saved 30 s more and drew 0.84 (docs/log.md, 2026-12-06, fifteenth session)
         # I-creation trains the LLM too (official: frozen), at I-comprehension's lr: the frozen toy
         # LLM's states at the queries hold which colour goes with which shape only in part, and
-        # nothing of stage I could teach it to. VALIDATION after III, seeds 0 / 2: two shapes bound
-        # and placed 0.00 -> 0.41 / 0.53, drawing 0.84 / 0.91 -> 1.00 / 1.00, VQA all 0.86 / 0.81
-        # -> 0.89 / 0.88 (docs/log.md, 2026-12-07, twenty-third session). Its projector is no longer
-        # whitened (whitening.py: a frozen LLM's states only)
+        # nothing of stage I could teach it to. VALIDATION after III, seeds 0 / 1 / 2: two shapes
+        # bound and placed 0.00 (each) -> 0.41 / 0.64 / 0.53, drawing 0.84 / 1.00 / 0.91 -> 1.00 /
+        # 0.97 / 1.00, VQA all 0.86 / 0.85 / 0.81 -> 0.89 / 0.88 / 0.88 (docs/log.md, 2026-12-07,
+        # twenty-third session). Its projector is not whitened (whitening.py: a frozen LLM's only)
         stages={"I-creation": dict(groups=["dream_queries", "condition_projector", "llm"], lr=3e-4,
                                    diffusion_weight=10.0, score_every=2),  # weight 10: then 0.90 / 0.93
                 # the comprehension half first, and with the LLM: the frozen toy LLM never learnt

@@ -381,7 +381,7 @@ Whitening measures the states' second moment once and trains the projector in co
 every direction has unit scale; it is a trick of this project, not the paper's, and works only
 while the LLM is frozen. Training the LLM spreads the states itself, and over the curriculum's
 2000 steps it does what whitening cannot: the LLM learns to carry which colour goes with which
-shape to the queries (two shapes bound and placed 0.00 -> about 0.5 on VALIDATION; docs/log.md,
+shape to the queries (two shapes bound and placed 0.00 -> 0.41 to 0.64 on VALIDATION; docs/log.md,
 2026-12-07, twenty-third session). None of the three binds two shapes in 600 steps.""",
         ("plumbing/whitening.py", "plumbing/recipes.py: RECIPES; train.py: make_optimizer")),
     Experiment(
