@@ -472,9 +472,10 @@ class DreamLLM(nn.Module):
         return self.condition(negative)
 
     def trainable_groups(self):
-        # GROUPS, each a list of parameters. "new_tokens" holds whole matrices (shared with "llm"): a trainer masks their gradient to
-        # the rows >= n_text_vocab when it trains them without the LLM. The condition's bridge is
-        # one group: the projector, and the mapper after it where the model has one.
+        # GROUPS, each a list of parameters. "new_tokens" holds whole matrices (shared with "llm"):
+        # a trainer masks their gradient to the rows >= n_text_vocab when it trains them without
+        # the LLM. The condition's bridge is one group: the projector, and the mapper after it
+        # where the model has one.
         emb, head = self.llm.model.embed_tokens.weight, self.llm.lm_head.weight
         bridge = [self.condition_projector, self.condition_mapper or nn.Identity()]
         return {"dream_queries": [self.dream_queries],

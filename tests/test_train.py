@@ -114,6 +114,7 @@ def test_frozen_modules_get_no_gradient_and_stay_bit_identical(stage, tmp_path, 
 
 def test_groups_flag_trains_what_it_names_and_only_that(tmp_path):
     # --groups overrides the stage's: I-creation with the LLM too (the toy's), or the queries alone
+    assert tuple(dreamllm.build("tiny").trainable_groups()) == dreamllm.GROUPS  # what --groups checks
     for groups in (["dream_queries", "condition_projector", "llm"], ["dream_queries"]):
         out = tmp_path / "_".join(groups)
         train.main(FAST + ["--steps", "2", "--groups", ",".join(groups), "--out", str(out)])
